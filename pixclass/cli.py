@@ -1,0 +1,262 @@
+"""The `pixclass` command. Argument parsing and calls only; the work happens in the modules.
+
+Heavy modules are imported inside each command, so `pixclass predict` never loads training code.
+A `UserError` anywhere becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate and use image classifiers from folders of images.")
+
+
+def _print_json(document) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _parse_split(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--split must be three numbers like 0.7,0.15,0.15 (got {text!r})") from None
+    return parts
+
+
+def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **overrides):
+    from .config import RunConfig
+    if config is not None:
+        cfg = RunConfig.load_yaml(config)
+    elif resume is not None:
+        from .train.run import check_resumable
+        check_resumable(resume)
+        cfg = RunConfig.load_yaml(Path(resume) / "config.yaml")
+    else:
+        cfg = RunConfig()
+    data_path = str(data) if data is not None else cfg.data.path
+    if not data_path:
+        raise UserError("no dataset given (pass DATA or set data.path in the config)")
+    cfg = cfg.replace("data", path=data_path, image_size=overrides.pop("image_size"), channels=overrides.pop("channels"),
+                      split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"))
+    cfg = cfg.replace("augment", policy=overrides.pop("augment"))
+    cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"))
+    return cfg.replace("train", **overrides)
+
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Argument(None, help="Class folders, or a folder with train/ [val/] [test/]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="seed-cnn or any timm architecture name."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: from the data)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="3 (RGB) or 1 (grayscale)."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | standard"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | sgd"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 penalty."),
+    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant | step | cosine | onecycle | plateau"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs"),
+    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", help="Patience in epochs (0: off)."),
+    monitor: Optional[str] = typer.Option(None, "--monitor", help="val_loss | val_accuracy"),
+    split: Optional[str] = typer.Option(None, "--split", help="train,val,test fractions, e.g. 0.7,0.15,0.15"),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Reuse the split of an earlier run's manifest.csv."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
+):
+    """Train a classifier on a folder of images."""
+    from .progress import Reporter
+    from .train.run import run_training
+
+    cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                        image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
+                        weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
+                        schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
+                        monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
+                        threads=threads)
+    reporter = Reporter(quiet)
+    summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
+    if as_json:
+        _print_json(summary)
+    else:
+        _print_train_summary(summary)
+
+
+def _print_train_summary(summary: dict) -> None:
+    from .progress import console
+    m = summary["metrics"]
+    if m:
+        console.print(f"{m['split']} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  ({m['n']} images)", markup=False)
+    console.print(f"run folder: {summary['run_dir']}\nmodel: {summary['model_dir']}", markup=False)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    data: Path = typer.Argument(..., help="Labelled class folders (or a folder with test/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write metrics and figures."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON to stdout."),
+):
+    """Evaluate a saved model: accuracy, top-k, per-class precision/recall/F1, confusion matrix."""
+    from . import artifact as artifact_io
+    from .evaluate import evaluate_folder, write_evaluation
+    from .progress import Reporter
+    from .runs import new_run_dir
+
+    reporter = Reporter(quiet)
+    art = artifact_io.load(model)
+    metrics = evaluate_folder(art, data, model_dir=model, reporter=reporter)
+    out = out or new_run_dir(f"eval-{Path(data).resolve().name}")
+    write_evaluation(metrics, art.classes, out)
+    metrics["out"] = str(out)
+    if as_json:
+        _print_json(metrics)
+    else:
+        _print_metrics_table(metrics)
+
+
+def _print_metrics_table(metrics: dict) -> None:
+    from rich.table import Table
+
+    from .progress import console
+    table = Table(title="per class")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in metrics["per_class"]:
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+    topk = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
+    console.print(f"accuracy {metrics['accuracy']:.4f}  {topk} {metrics[topk]:.4f}  loss {metrics['loss']:.4f}  "
+                  f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\nwritten to {metrics['out']}", markup=False)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+):
+    """Predict the classes of images."""
+    from .predict import Predictor, collect_image_paths
+    from .progress import Reporter
+
+    if fmt not in ("table", "json", "csv"):
+        raise UserError(f"--format must be table, json or csv (got {fmt!r})")
+    predictor = Predictor.load(model)
+    files = collect_image_paths(paths)
+    if not files:
+        raise UserError("no image files found in the given paths")
+    results, failures = predictor.predict_files(files, k=top_k)
+    reporter = Reporter()
+    for p, reason in failures:
+        reporter.warn(f"skipped unreadable file {p}: {reason}")
+    fmt = "json" if as_json else fmt
+    if fmt == "json":
+        _print_json(results)
+    elif fmt == "csv":
+        import csv
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "class", "probability"])
+        for r in results:
+            for rank, c in enumerate(r["top_k"], 1):
+                writer.writerow([r["path"], rank, c["class"], f"{c['probability']:.6f}"])
+    else:
+        _print_predictions(results)
+    if not results:
+        raise typer.Exit(1)
+
+
+def _print_predictions(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table()
+    table.add_column("image", no_wrap=True)
+    table.add_column("prediction")
+    table.add_column("probability", justify="right")
+    table.add_column("next")
+    for r in results:
+        best, rest = r["top_k"][0], r["top_k"][1:]
+        table.add_row(r["path"], best["class"], f"{best['probability']:.3f}",
+                      ", ".join(f"{c['class']} {c['probability']:.3f}" for c in rest))
+    # piped output is not cut to 80 columns: a path split over lines is useless to grep
+    width = None if sys.stdout.isatty() else max(len(r["path"]) for r in results) + 80
+    Console(highlight=False, width=width).print(table)
+
+
+@app.command()
+def summary(
+    model: str = typer.Argument(..., help="seed-cnn, a timm architecture name, or a saved model folder."),
+    image_size: int = typer.Option(224, "--image-size"),
+    classes: int = typer.Option(10, "--classes", min=2),
+    channels: int = typer.Option(3, "--channels"),
+    depth: int = typer.Option(3, "--depth", help="How many levels of nested layers to show."),
+):
+    """Show the layers, output shapes and parameter counts of a model."""
+    from .models.summary import model_summary
+
+    if Path(model).is_dir():
+        from . import artifact as artifact_io
+        art = artifact_io.load(model)
+        net, channels, image_size = art.model, art.preprocess.channels, art.preprocess.size
+    else:
+        from .config import ModelConfig
+        from .models.factory import create_model
+        if channels not in (1, 3):
+            raise UserError(f"--channels must be 1 or 3 (got {channels})")
+        net, _ = create_model(model, classes, channels, image_size, ModelConfig(name=model))
+    typer.echo(model_summary(net, channels, image_size, depth))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    epochs: int = typer.Option(15, "--epochs", "-e"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Train the seed CNN on scikit-learn's bundled handwritten digits (no download needed)."""
+    from .demo import run_demo
+    run_demo(out, epochs, quiet)
+
+
+def main(argv=None) -> None:
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Frozen, validated configuration dataclasses, read from and written to YAML.
+
+Every value is checked when the dataclass is created, so a bad value in a config file or on the
+command line fails early with one line naming the field, never deep inside training."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The guide's augmentation (Keras ImageDataGenerator meaning), applied to whole batches.
+
+    rotation: degrees, uniform in [-rotation, rotation]; width_shift/height_shift: fraction of the
+    image size; shear: shear factor (x' = x + s*y), 0.2 is about 11 degrees; zoom: scale factors
+    uniform in [1-zoom, 1+zoom] per axis; fill: how pixels outside the image are filled
+    ("nearest" repeats the border, as Keras' fill_mode='nearest'); brightness/contrast: factors
+    uniform in [1-b, 1+b]."""
+
+    policy: str = "standard"
+    rotation: float = 20.0
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    shear: float = 0.2
+    zoom: float = 0.2
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    fill: str = "nearest"
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def __post_init__(self):
+        _check_choice("augment", self.policy, ("none", "standard"))
+        _check_choice("augment.fill", self.fill, ("nearest", "constant", "reflect"))
+        for name in ("rotation", "width_shift", "height_shift", "shear", "zoom", "brightness", "contrast"):
+            _check(getattr(self, name) >= 0, f"augment.{name} must be >= 0")
+        _check(self.zoom < 1 and self.brightness < 1 and self.contrast < 1,
+               "augment.zoom, brightness and contrast must be < 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""
+    image_size: int | None = None  # None: chosen from the model (pretrained) or the data
+    channels: int = 3
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    manifest: str | None = None  # reuse a split manifest (CSV) from an earlier run
+    max_memory_gb: float = 4.0  # decoded datasets up to this size are kept in memory
+
+    def __post_init__(self):
+        object.__setattr__(self, "split", tuple(float(x) for x in self.split))
+        _check(self.channels in (1, 3), f"channels must be 1 or 3 (got {self.channels})")
+        _check(self.image_size is None or 8 <= int(self.image_size) <= 1024,
+               f"image_size must be between 8 and 1024 (got {self.image_size})")
+        _check(len(self.split) == 3 and all(0 <= x < 1 or (i == 0 and x == 1) for i, x in enumerate(self.split)),
+               "split must be three fractions train,val,test")
+        _check(abs(sum(self.split) - 1) < 1e-6 and self.split[0] > 0,
+               f"split fractions must add up to 1 with train > 0 (got {self.split})")
+        _check(self.max_memory_gb > 0, "max_memory_gb must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "seed-cnn"
+    # seed-cnn only (the guide's network); ignored by timm models
+    filters: tuple[int, ...] = (32, 64, 128)
+    kernel_size: int = 3
+    dense: int = 256
+    padding: str = "valid"
+    dropout: float = 0.0
+    pretrained: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
+        _check(len(self.filters) >= 1 and all(f > 0 for f in self.filters), "model.filters must be positive")
+        _check(self.kernel_size in (1, 3, 5, 7), "model.kernel_size must be 1, 3, 5 or 7")
+        _check(self.dense > 0, "model.dense must be > 0")
+        _check_choice("model.padding", self.padding, ("valid", "same"))
+        _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0  # L2 penalty; decoupled for AdamW
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    step_size: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step / plateau decay factor
+    plateau_patience: int = 3
+    early_stopping: int = 0  # patience in epochs; 0 turns it off
+    monitor: str = "val_loss"
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _check_choice("schedule", self.schedule, ("constant", "step", "cosine", "onecycle", "plateau"))
+        _check_choice("monitor", self.monitor, ("val_loss", "val_accuracy"))
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        _check(self.early_stopping >= 0, "early_stopping must be >= 0")
+        _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")
+        _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, section: str, **changes) -> "RunConfig":
+        """A copy with some fields of one section changed (None values are ignored)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("config must be a mapping of sections (data, augment, model, train)")
+        sections = {f.name: f.type for f in fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        built = {}
+        for f in fields(cls):
+            section_cls = {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig}[f.name]
+            values = raw.get(f.name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {f.name!r} must be a mapping")
+            known = {sf.name for sf in fields(section_cls)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(f"unknown key(s) in {f.name}: {', '.join(sorted(bad))}")
+            try:
+                built[f.name] = section_cls(**values)
+            except TypeError as e:  # wrong type compared or converted in validation
+                raise ConfigError(f"bad value in {f.name}: {e}") from None
+        return cls(**built)
+
+    def save_yaml(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        return cls.from_dict(raw)
+
+
+def _to_plain(value):
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,95 @@
+"""The only place bytes become pixels.
+
+Any common format (JPEG, PNG, BMP, GIF first frame, WebP, TIFF), any mode (L, LA, P, RGBA, CMYK,
+16-bit) comes out as an 8-bit RGB or L (one channel) PIL image with EXIF orientation applied.
+Transparent pixels are composited over white, so a logo on a transparent background looks the
+same as it does in a viewer. Only raster image formats are opened (never PDF/EPS through Pillow)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import ImageDecodeError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # JPEG covers MPO files too
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+
+def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode a path, bytes or file object; raises ImageDecodeError on any failure."""
+    name = source if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source, formats=ALLOWED_FORMATS)
+            if img.width * img.height > max_pixels:
+                raise ImageDecodeError(name, f"image too large ({img.width}x{img.height} pixels)")
+            img.seek(0)  # animated GIF/WebP: first frame
+            img.load()
+            return img
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(name, "file not found") from None
+    except Image.DecompressionBombWarning as e:
+        raise ImageDecodeError(name, f"image too large: {e}") from None
+    except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError...)
+        reason = "not an image or unsupported format" if isinstance(e, Image.UnidentifiedImageError) else str(e) or type(e).__name__
+        raise ImageDecodeError(name, reason) from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit single-channel images are scaled (not clipped) into 0..255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Apply EXIF orientation and convert to 8-bit RGB (channels=3) or L (channels=1)."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost the image
+        pass
+    img = _flatten_alpha(_to_8bit(img))
+    target = "RGB" if channels == 3 else "L"
+    return img if img.mode == target else img.convert(target)
+
+
+def decode_image(source, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes, path or file object -> 8-bit RGB/L PIL image; raises ImageDecodeError with the name."""
+    img = open_image(source, max_pixels)
+    try:
+        return to_mode(img, channels)
+    except Exception as e:
+        raise ImageDecodeError(source if isinstance(source, (str, Path)) else "<bytes>", f"cannot convert: {e}") from None
+
+
+def read_size(path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path, formats=ALLOWED_FORMATS) as img:
+            return img.size
+    except Exception as e:
+        raise ImageDecodeError(path, str(e) or type(e).__name__) from None

@@ -1,0 +1,157 @@
+"""Batches of uint8 images for training and evaluation.
+
+Datasets whose decoded, resized pixels fit in `max_memory_gb` are decoded once into one uint8
+tensor (the decode cost is paid once, not every epoch); augmentation then runs on whole batches
+of tensors. Larger datasets stream through DataLoader workers that decode on the fly. Either way a
+file that cannot be decoded is reported and skipped, never a crash mid-epoch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DatasetError, ImageDecodeError
+from ..progress import Reporter
+from .decode import decode_image, read_size
+from .transforms import Preprocess, image_to_uint8
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+class DecodedImages(Dataset):
+    """path -> uint8 tensor at the preprocessing size, or None when the file is unusable."""
+
+    def __init__(self, paths: list[Path], pre: Preprocess):
+        self.paths, self.pre = list(paths), pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, image_to_uint8(decode_image(self.paths[i], self.pre.channels), self.pre), None
+        except ImageDecodeError as e:
+            return i, None, e.reason
+
+
+def _keep_all(batch):
+    return batch
+
+
+def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str = "decoding"):
+    """Decode every file once. Returns (uint8 N x C x H x W of the good files, their indices,
+    [(path, reason)] of the bad ones)."""
+    n = len(paths)
+    images = torch.empty((n, pre.channels, pre.size, pre.size), dtype=torch.uint8)
+    good = torch.zeros(n, dtype=torch.bool)
+    failures = []
+    workers = default_workers() if n >= 512 else 0
+    loader = DataLoader(DecodedImages(paths, pre), batch_size=64, num_workers=workers, collate_fn=_keep_all)
+    with reporter.bar(what, n) as bar:
+        for chunk in loader:
+            for i, img, reason in chunk:
+                if img is None:
+                    failures.append((paths[i], reason))
+                else:
+                    images[i] = img
+                    good[i] = True
+            bar.advance(len(chunk))
+    idx = good.nonzero().flatten()
+    return images[idx], idx, failures
+
+
+@dataclass
+class SplitData:
+    """One split kept in memory: images uint8 N x C x H x W, labels int64 N, and file paths."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start:start + batch_size]
+            yield self.images[idx], self.labels[idx], idx
+
+
+class StreamingSplit:
+    """A split too large for memory: decoded by DataLoader workers every epoch."""
+
+    def __init__(self, paths: list[Path], labels: list[int], pre: Preprocess):
+        self.paths, self.labels_list, self.pre = list(paths), list(labels), pre
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        ds = DecodedImages([self.paths[i] for i in order], self.pre)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(), collate_fn=_keep_all,
+                            persistent_workers=False)
+        for chunk in loader:
+            good = [(i, img) for i, img, _ in chunk if img is not None]
+            if not good:
+                continue
+            idx = order[torch.tensor([i for i, _ in good])]
+            yield torch.stack([img for _, img in good]), self.labels[idx], idx
+
+
+def fits_in_memory(n: int, pre: Preprocess, max_memory_gb: float) -> bool:
+    return n * pre.channels * pre.size * pre.size <= max_memory_gb * 2**30
+
+
+def load_split(paths: list[Path], labels: list[int], pre: Preprocess, reporter: Reporter,
+               max_memory_gb: float = 4.0, what: str = "decoding"):
+    """Returns (SplitData or StreamingSplit, failures)."""
+    if not fits_in_memory(len(paths), pre, max_memory_gb):
+        reporter.info(f"{what}: {len(paths)} images do not fit in {max_memory_gb} GB; streaming from disk")
+        return StreamingSplit(paths, labels, pre), []
+    images, idx, failures = decode_all(paths, pre, reporter, what)
+    kept = idx.tolist()
+    return SplitData(images, torch.tensor([labels[i] for i in kept], dtype=torch.long), [paths[i] for i in kept]), failures
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, scaled to [0, 1]."""
+    if len(images) == 0:
+        raise DatasetError("no readable training images")
+    c = images.shape[1]
+    total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+def typical_image_size(paths: list[Path], sample: int = 64) -> int:
+    """A from-scratch training size suited to the data: the median short side of a sample of
+    images, rounded to a multiple of 8 and kept in [32, 128] (small nets gain little above that
+    and cost much more on a CPU)."""
+    step = max(1, len(paths) // sample)
+    sides = []
+    for p in paths[::step][:sample]:
+        try:
+            sides.append(min(read_size(p)))
+        except ImageDecodeError:
+            continue
+    if not sides:
+        return 64
+    sides.sort()
+    median = sides[len(sides) // 2]
+    return int(min(128, max(32, round(median / 8) * 8)))
+

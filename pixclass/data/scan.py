@@ -1,0 +1,194 @@
+"""Find the images and classes in a dataset folder and assign each file to a split.
+
+Two layouts are understood:
+- class folders directly under DATA: split here, stratified and seeded (70/15/15 by default);
+- DATA/train/<class>/..., with optional val|valid|validation/ and test/ subfolders.
+The split is written as a manifest (CSV: path, class, split); given an earlier manifest, every file
+listed there keeps its split and only new files are assigned."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DatasetError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLITS = ("train", "val", "test")
+_SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str
+    split: str
+
+
+def is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.startswith("__")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Files below `folder` (recursively) that have an image extension, hidden entries skipped."""
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if any(is_hidden(Path(part)) for part in rel.parts):
+            continue
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(p)
+    return found
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((d for d in folder.iterdir() if d.is_dir() and not is_hidden(d)), key=lambda d: d.name)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    found = {}
+    for split, names in _SPLIT_FOLDER_NAMES.items():
+        for name in names:
+            if (root / name).is_dir():
+                found[split] = root / name
+                break
+    return found
+
+
+def scan_class_folders(folder: Path) -> dict[str, list[Path]]:
+    """{class name: image files}, classes sorted by name."""
+    return {d.name: _images_in(d) for d in _class_dirs(folder)}
+
+
+@dataclass
+class ScannedDataset:
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    layout: str  # "class-folders" or "split-folders"
+
+    def split(self, name: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        table = {c: {s: 0 for s in SPLITS} for c in self.classes}
+        for s in self.samples:
+            table[s.label][s.split] += 1
+        return table
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DatasetError(f"dataset folder not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path is not a folder: {root}")
+
+
+def _check_classes(per_class: dict[str, list[Path]], where: Path) -> None:
+    if not per_class:
+        raise DatasetError(f"no class folders found in {where} (expected one subfolder per class)")
+    if sum(len(v) for v in per_class.values()) == 0:
+        raise DatasetError(f"no images found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if len(per_class) < 2:
+        raise DatasetError(f"only one class ({next(iter(per_class))}) found in {where}; need at least 2")
+    small = [c for c, files in per_class.items() if len(files) < 2]
+    if small:
+        raise DatasetError(f"class(es) with fewer than 2 images in {where}: {', '.join(small)}")
+
+
+def _stable_fraction(path: Path, seed: int) -> float:
+    """A number in [0, 1) fixed by the file's path and the seed, for assigning new files."""
+    digest = hashlib.sha256(f"{seed}:{path.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def stratified_split(per_class: dict[str, list[Path]], fractions, seed: int) -> dict[Path, str]:
+    """Per class, shuffle with the seed and cut into train/val/test by the fractions.
+
+    Every class keeps at least one training image; val and test get round(fraction * n)."""
+    _, f_val, f_test = fractions
+    assignment = {}
+    rng = random.Random(seed)
+    for label in sorted(per_class):
+        files = sorted(per_class[label])
+        rng.shuffle(files)
+        n = len(files)
+        n_test = min(round(n * f_test), n - 1)
+        n_val = min(round(n * f_val), n - 1 - n_test)
+        for i, p in enumerate(files):
+            assignment[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return assignment
+
+
+def _assign_new_file(path: Path, fractions, seed: int) -> str:
+    x = _stable_fraction(path, seed)
+    f_train, f_val, _ = fractions
+    return "train" if x < f_train else "val" if x < f_train + f_val else "test"
+
+
+def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Path | None = None) -> ScannedDataset:
+    root = Path(root).expanduser()
+    _check_root(root)
+    split_dirs = _split_folders(root)
+    if "train" in split_dirs:
+        return _scan_split_folders(root, split_dirs, fractions, seed)
+    per_class = scan_class_folders(root)
+    _check_classes(per_class, root)
+    previous = read_manifest(manifest, root) if manifest else {}
+    fresh = {label: [p for p in files if p not in previous] for label, files in per_class.items()}
+    assignment = stratified_split(fresh, fractions, seed) if not previous else {
+        p: _assign_new_file(p.relative_to(root), fractions, seed) for files in fresh.values() for p in files}
+    assignment.update({p: s for p, (_, s) in previous.items()})
+    samples = [Sample(p, label, assignment[p]) for label, files in per_class.items() for p in files]
+    return ScannedDataset(root, sorted(per_class), samples, "class-folders")
+
+
+def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed) -> ScannedDataset:
+    train = scan_class_folders(split_dirs["train"])
+    _check_classes(train, split_dirs["train"])
+    classes = sorted(train)
+    samples: list[Sample] = []
+    if "val" in split_dirs:
+        assignment = {p: "train" for files in train.values() for p in files}
+    else:  # carve a validation set out of train/, stratified like a full split
+        f_val = fractions[1] / (fractions[0] + fractions[1]) if fractions[1] > 0 else 0.15
+        assignment = stratified_split(train, (1 - f_val, f_val, 0.0), seed)
+    samples += [Sample(p, label, assignment[p]) for label, files in train.items() for p in files]
+    for split in ("val", "test"):
+        if split not in split_dirs:
+            continue
+        for label, files in scan_class_folders(split_dirs[split]).items():
+            if label not in train:
+                raise DatasetError(f"class {label!r} in {split_dirs[split]} has no folder in {split_dirs['train']}")
+            samples += [Sample(p, label, split) for p in files]
+    return ScannedDataset(root, classes, samples, "split-folders")
+
+
+def write_manifest(dataset: ScannedDataset, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", "split"])
+        for s in dataset.samples:
+            writer.writerow([s.path.relative_to(dataset.root).as_posix(), s.label, s.split])
+
+
+def read_manifest(path: Path, root: Path) -> dict[Path, tuple[str, str]]:
+    """{absolute path: (class, split)} for the files of a manifest that still exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest not found: {path}")
+    out = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "class", "split"} <= set(reader.fieldnames):
+            raise DatasetError(f"manifest {path} must have the columns path, class, split")
+        for row in reader:
+            if row["split"] not in SPLITS:
+                raise DatasetError(f"manifest {path}: unknown split {row['split']!r}")
+            p = root / row["path"]
+            if p.exists():
+                out[p] = (row["class"], row["split"])
+    return out

@@ -1,0 +1,23 @@
+"""Typed errors. A `UserError` is a mistake the user can fix; the CLI prints it as one line and
+exits with code 2 instead of showing a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a path, a name, a config value, an unusable dataset."""
+
+
+class ConfigError(UserError):
+    """A configuration value is out of range or of the wrong kind."""
+
+
+class DatasetError(UserError):
+    """The dataset cannot be used as given (missing, empty, one class, too few images)."""
+
+
+class ImageDecodeError(Exception):
+    """A file could not be turned into pixels. Carries the file name so warnings can list it."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

@@ -1,0 +1,98 @@
+"""Evaluate a saved model on a labelled image folder: metrics, tables and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from . import plots
+from .artifact import Artifact
+from .data.loaders import load_split
+from .data.scan import read_manifest, scan_class_folders
+from .errors import DatasetError
+from .inference import predict_batches
+from .metrics import classification_metrics
+from .progress import Reporter
+
+
+def _run_manifest(art: Artifact, model_dir: Path | None, root: Path):
+    """The split manifest of the run that trained this model, when it was trained on `root`."""
+    if model_dir is None:
+        return None
+    manifest = Path(model_dir).parent / "manifest.csv"
+    trained_on = art.config.get("data", {}).get("path")
+    if manifest.is_file() and trained_on and Path(trained_on).resolve() == root.resolve():
+        return manifest
+    return None
+
+
+def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | None = None):
+    """(paths, label indices, description) of the images to evaluate on.
+
+    A folder with test/ (or only val/) subfolders is evaluated on that split. A plain class-folder
+    tree that the model was trained on is evaluated on the held-out test split of its manifest;
+    any other class-folder tree is evaluated in full."""
+    reporter = reporter or Reporter()
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    manifest = _run_manifest(art, model_dir, root)
+    pairs, what = None, None
+    for split in ("test", "val", "valid", "validation"):
+        if (root / split).is_dir():
+            per_class = scan_class_folders(root / split)
+            pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"{root / split}"
+            break
+    if pairs is None and manifest is not None:
+        rows = read_manifest(manifest, root)
+        pairs = [(p, c) for p, (c, s) in rows.items() if s == "test"]
+        what = f"the test split of {manifest}"
+        if not pairs:
+            pairs = None
+    if pairs is None:
+        per_class = scan_class_folders(root)
+        pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"all images in {root}"
+    unknown = sorted({c for _, c in pairs} - set(art.classes))
+    if unknown:
+        raise DatasetError(f"class folder(s) not known to the model: {', '.join(unknown)} "
+                           f"(model classes: {', '.join(art.classes)})")
+    if not pairs:
+        raise DatasetError(f"no images found to evaluate in {root}")
+    index = {c: i for i, c in enumerate(art.classes)}
+    return [p for p, _ in pairs], [index[c] for _, c in pairs], what
+
+
+def evaluate_split(art: Artifact, split, batch_size: int = 256) -> tuple[dict, object]:
+    """Metrics for an in-memory split; also returns the probabilities (N x K, split order)."""
+    probs, labels, _ = predict_batches(art.model, split.batches(batch_size), art.preprocess)
+    if len(labels) == 0:
+        raise DatasetError("no readable images to evaluate")
+    return classification_metrics(labels, probs, art.classes), probs
+
+
+def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None):
+    reporter = reporter or Reporter()
+    paths, labels, what = labelled_files(root, art, model_dir, reporter)
+    reporter.info(f"evaluating on {what} ({len(paths)} images)")
+    split, failures = load_split(paths, labels, art.preprocess, reporter, what="decoding")
+    for p, reason in failures:
+        reporter.warn(f"skipped unreadable file {p}: {reason}")
+    metrics, _ = evaluate_split(art, split)
+    metrics["skipped_files"] = [str(p) for p, _ in failures]
+    return metrics
+
+
+def write_evaluation(metrics: dict, classes: list[str], out_dir) -> list[Path]:
+    """metrics.json, per_class.csv, confusion_matrix.json and the confusion matrix PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "per_class.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        writer.writeheader()
+        writer.writerows(metrics["per_class"])
+    (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": metrics["confusion_matrix"]}))
+    return [out / "metrics.json", out / "per_class.csv", out / "confusion_matrix.json",
+            plots.confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png"),
+            plots.confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix_normalized.png", True)]

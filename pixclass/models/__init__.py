@@ -1,0 +1,1 @@
+"""Model factory: the guide's seed CNN and any timm architecture."""

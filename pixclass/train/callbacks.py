@@ -1,0 +1,65 @@
+"""What happens at the end of each epoch besides the loop itself: the history files and early
+stopping."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .. import plots
+
+HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                  "epoch_s", "images_per_s"]
+
+
+class HistoryLog:
+    """Writes metrics.csv and curves.png in the run folder after every epoch."""
+
+    def __init__(self, run_dir: Path | None):
+        self.run_dir = Path(run_dir) if run_dir else None
+
+    def write(self, history: list[dict]) -> None:
+        if self.run_dir is None or not history:
+            return
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+        plots.training_curves(history, self.run_dir / "curves.png")
+
+
+class EarlyStopping:
+    """Tracks the monitored metric; `improved` says whether this epoch is the best so far and
+    `should_stop` whether `patience` epochs have passed without improvement (0: never stops)."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 1e-4):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.monitor.endswith("loss"):
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def update(self, metrics: dict) -> bool:
+        value = metrics.get(self.monitor)
+        if value is None:  # no validation set: the latest epoch counts as the best
+            return True
+        if self._better(value):
+            self.best, self.bad_epochs = value, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]

@@ -1,0 +1,97 @@
+"""One training run from a config: data -> model -> trainer -> artifact -> evaluation, with
+everything written to a run folder (config, split manifest, metrics, curves, checkpoints, model,
+evaluation)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import artifact as artifact_io
+from ..config import RunConfig
+from ..data.dataset import PreparedData, prepare_data
+from ..data.transforms import Preprocess, build_augment
+from ..errors import UserError
+from ..evaluate import evaluate_split, write_evaluation
+from ..models.factory import create_model
+from ..progress import Reporter
+from ..runs import new_run_dir
+from .checkpoint import load_checkpoint
+from .loop import Trainer
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _resume_state(resume: Path):
+    resume = Path(resume)
+    ckpt_path = resume if resume.is_file() else resume / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt_path)
+    return ckpt_path, state, ckpt_path.parent.parent
+
+
+def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = None,
+                 reporter: Reporter | None = None) -> dict:
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    preprocess, ckpt_path = None, None
+    if resume is not None:
+        ckpt_path, state, run_dir = _resume_state(resume)
+        preprocess = Preprocess.from_dict(state["extra"]["preprocess"])
+    else:
+        run_dir = Path(out) if out else new_run_dir(Path(cfg.data.path).resolve().name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = cfg.data.manifest or (run_dir / "manifest.csv" if (run_dir / "manifest.csv").is_file() else None)
+    data = prepare_data(cfg.data.path, cfg.data.channels, cfg.data.image_size, cfg.data.split, cfg.train.seed,
+                        manifest, preprocess, cfg.data.max_memory_gb, reporter)
+    data.write_manifest(run_dir / "manifest.csv")
+    cfg = cfg.replace("data", image_size=data.preprocess.size)
+    cfg.save_yaml(run_dir / "config.yaml")
+    _report_data(data, reporter)
+
+    torch.manual_seed(cfg.train.seed)
+    model, arch = create_model(cfg.model.name, len(data.classes), data.preprocess.channels, data.preprocess.size, cfg.model)
+    total, trainable = count_parameters(model)
+    reporter.info(f"model {arch['name']}: {total:,} parameters ({trainable:,} trainable), "
+                  f"input {data.preprocess.channels}x{data.preprocess.size}x{data.preprocess.size}")
+    trainer = Trainer(model, data.train, data.val, data.preprocess, cfg.train, build_augment(cfg.augment),
+                      run_dir, reporter, extra={"preprocess": data.preprocess.to_dict(), "arch": arch,
+                                                "classes": data.classes})
+    if ckpt_path is not None:
+        trainer.resume(ckpt_path)
+    trainer.fit()
+    trainer.restore_best()
+    model.eval()
+
+    art = artifact_io.Artifact(model=model, arch=arch, classes=data.classes, preprocess=data.preprocess,
+                               config=cfg.to_dict())
+    held_out, split_name = (data.test, "test") if data.test is not None and len(data.test) else (data.val, "val")
+    metrics = {}
+    if held_out is not None and len(held_out):
+        metrics, _ = evaluate_split(art, held_out)
+        metrics["split"] = split_name
+        write_evaluation(metrics, data.classes, run_dir / "evaluation")
+    art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
+    art.metrics["history_last"] = trainer.history[-1] if trainer.history else {}
+    model_dir = artifact_io.save(art, run_dir / "model")
+    return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
+            "epochs_run": len(trainer.history), "train_seconds": round(time.perf_counter() - started, 1),
+            "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
+            "skipped_files": [str(p) for p, _ in data.skipped]}
+
+
+def _report_data(data: PreparedData, reporter: Reporter) -> None:
+    counts = data.counts()
+    totals = {s: sum(c[s] for c in counts.values()) for s in ("train", "val", "test")}
+    reporter.info(f"data: {len(data.classes)} classes, train {totals['train']}, val {totals['val']}, "
+                  f"test {totals['test']} images ({data.scanned.layout}); size {data.preprocess.size}px, "
+                  f"mean {[round(m, 3) for m in data.preprocess.mean]} std {[round(s, 3) for s in data.preprocess.std]}")
+
+
+def check_resumable(run_dir: Path) -> None:
+    if not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"nothing to resume in {run_dir} (no checkpoints/last.pt)")

@@ -1,0 +1,67 @@
+"""Small real image data made on the fly: three classes of drawn shapes that a small CNN learns
+in a few epochs."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(kind: str, rng: random.Random, size: int = 40) -> Image.Image:
+    bg = tuple(rng.randint(0, 80) for _ in range(3))
+    fg = tuple(rng.randint(150, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    elif kind == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    return img
+
+
+def make_shapes(root: Path, per_class: int = 30, seed: int = 0, classes=SHAPES, fmt: str = "png") -> Path:
+    rng = random.Random(seed)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_shape(kind, rng).save(root / kind / f"{kind}_{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def shapes(tmp_path) -> Path:
+    return make_shapes(tmp_path / "shapes")
+
+
+@pytest.fixture(scope="session")
+def shapes_session(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", per_class=40)
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes_session, tmp_path_factory) -> dict:
+    """One small seed-CNN run shared by the tests that need a trained model."""
+    from pixclass.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+    from pixclass.progress import Reporter
+    from pixclass.train.run import run_training
+
+    cfg = RunConfig(data=DataConfig(path=str(shapes_session), image_size=32), augment=AugmentConfig(policy="none"),
+                    train=TrainConfig(epochs=12, batch_size=16, seed=0))
+    return run_training(cfg, out=tmp_path_factory.mktemp("runs") / "shapes", reporter=Reporter(quiet=True))
+
+
+def run_cli(*args, cwd=None):
+    """Run `python -m pixclass ARGS` in a fresh process; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "pixclass", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)

@@ -1,0 +1,112 @@
+"""End-to-end: the `pixclass` command in a fresh process, as a user runs it."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_shapes, run_cli
+
+
+def test_train_evaluate_predict_end_to_end(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=20)
+    (data / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "run"
+    proc = run_cli("train", data, "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["run_dir"] == str(out) and Path(summary["model_dir"]).is_dir()
+    assert 0 <= summary["metrics"]["accuracy"] <= 1 and summary["metrics"]["split"] == "test"
+    assert summary["skipped_files"] == [str(data / "square" / "broken.jpg")]
+    assert "broken.jpg" in proc.stderr  # listed in a warning
+    assert "epoch 2/2" in proc.stderr  # progress goes to stderr
+
+    proc = run_cli("evaluate", out / "model", data, "--json", "--out", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert "test split" in proc.stderr  # evaluated on the run's held-out test split, not on training images
+    assert metrics["n"] == 9 and 0 <= metrics["accuracy"] <= 1 and "top3_accuracy" in metrics
+    assert [r["class"] for r in metrics["per_class"]] == ["circle", "square", "triangle"]
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file() and (tmp_path / "eval" / "confusion_matrix.json").is_file()
+
+    proc = run_cli("predict", out / "model", data / "circle", data / "square" / "broken.jpg", "--format", "csv", "-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert len(rows) == 2 * 20 and {r["rank"] for r in rows} == {"1", "2"}
+    assert "broken.jpg" in proc.stderr
+
+    proc = run_cli("predict", out / "model", data / "circle" / "circle_000.png")
+    assert proc.returncode == 0 and "circle_000.png" in proc.stdout
+
+
+def test_rerun_with_same_out_keeps_the_split(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=10)
+    out = tmp_path / "run"
+    assert run_cli("train", data, "--epochs", "1", "--image-size", "32", "--out", out, "-q").returncode == 0
+    first = (out / "manifest.csv").read_text()
+    make_shapes(tmp_path / "more", per_class=3, seed=9)
+    for f in (tmp_path / "more" / "circle").iterdir():
+        f.rename(data / "circle" / f"extra_{f.name}")
+    proc = run_cli("train", data, "--epochs", "1", "--image-size", "32", "--out", out, "-q", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    second = set((out / "manifest.csv").read_text().splitlines())
+    assert set(first.splitlines()) <= second and len(second) == len(first.splitlines()) + 3
+
+
+def test_config_file_from_a_run_is_reusable(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=8)
+    assert run_cli("train", data, "--epochs", "1", "--image-size", "32", "--lr", "0.002", "--out", tmp_path / "a", "-q").returncode == 0
+    proc = run_cli("train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b", "-q", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+    cfg = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 0.002 and cfg["data"]["image_size"] == 32
+
+
+def test_summary_command():
+    proc = run_cli("summary", "seed-cnn", "--image-size", "224", "--classes", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Conv2d" in proc.stdout and "Total params" in proc.stdout
+
+
+def _unreadable_only(p: Path):
+    for c in ("a", "b"):
+        (p / c).mkdir(parents=True)
+        for i in range(3):
+            (p / c / f"{i}.jpg").write_bytes(b"garbage")
+
+
+BAD_INPUTS = {
+    "missing folder": (lambda p: None, [], "dataset folder not found"),
+    "empty folder": (lambda p: p.mkdir(), [], "no class folders found"),
+    "one class": (lambda p: make_shapes(p, 4, classes=("cat",)), [], "only one class (cat)"),
+    "tiny class": (lambda p: (make_shapes(p, 4, classes=("cat", "dog")),
+                              [f.unlink() for f in sorted((p / "dog").iterdir())[1:]]), [], "fewer than 2 images in"),
+    "no readable images": (_unreadable_only, [], "no readable training images"),
+    "wrong model": (lambda p: make_shapes(p, 4), ["--model", "resnet_doesnotexist"], "unknown model 'resnet_doesnotexist'"),
+    "bad option value": (lambda p: make_shapes(p, 4), ["--lr", "-0.1"], "lr must be > 0"),
+    "bad augment": (lambda p: make_shapes(p, 4), ["--augment", "heavy"], "augment must be one of none, standard"),
+    "bad config file": (lambda p: (make_shapes(p, 4), (p.parent / "c.yaml").write_text("train:\n  epochs: -3\n")),
+                        ["--config", "{parent}/c.yaml"], "epochs must be >= 1"),
+    "image too small": (lambda p: make_shapes(p, 4), ["--image-size", "16"], "too small for seed-cnn"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case):
+    setup, extra, message = BAD_INPUTS[case]
+    data = tmp_path / "data"
+    setup(data)
+    extra = [a.replace("{parent}", str(tmp_path)) for a in extra]
+    proc = run_cli("train", data, "--epochs", "1", "--out", tmp_path / "run", "-q", *extra)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0  # one line
+
+
+def test_bad_model_folder_for_predict(tmp_path):
+    proc = run_cli("predict", tmp_path, tmp_path)
+    assert proc.returncode == 2 and "not a pixclass model folder" in proc.stderr and "Traceback" not in proc.stderr

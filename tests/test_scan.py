@@ -1,0 +1,69 @@
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pixclass.data.scan import read_manifest, scan_dataset, write_manifest
+from pixclass.errors import DatasetError
+
+from conftest import make_shapes
+
+
+def test_class_folders_split_is_stratified_seeded_and_ignores_hidden(tmp_path):
+    root = make_shapes(tmp_path / "d", per_class=20)
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "x.png").write_bytes((root / "circle" / "circle_000.png").read_bytes())
+    (root / "circle" / ".DS_Store").write_bytes(b"junk")
+    ds = scan_dataset(root, seed=1)
+    assert ds.classes == ["circle", "square", "triangle"]
+    assert ds.layout == "class-folders"
+    assert all(not any(part.startswith(".") for part in s.path.parts[-2:]) for s in ds.samples)
+    counts = ds.counts()
+    for c in ds.classes:
+        assert counts[c] == {"train": 14, "val": 3, "test": 3}
+    again = scan_dataset(root, seed=1)
+    assert [(s.path, s.split) for s in again.samples] == [(s.path, s.split) for s in ds.samples]
+    other = scan_dataset(root, seed=2)
+    assert [s.split for s in other.samples] != [s.split for s in ds.samples]
+
+
+def test_manifest_keeps_existing_files_in_their_split(tmp_path):
+    root = make_shapes(tmp_path / "d", per_class=20)
+    first = scan_dataset(root, seed=0)
+    write_manifest(first, tmp_path / "manifest.csv")
+    make_shapes(tmp_path / "extra", per_class=10, seed=5)
+    for f in (tmp_path / "extra" / "circle").iterdir():
+        f.rename(root / "circle" / f"new_{f.name}")
+    second = scan_dataset(root, seed=99, manifest=tmp_path / "manifest.csv")
+    before = {s.path: s.split for s in first.samples}
+    after = {s.path: s.split for s in second.samples}
+    assert all(after[p] == split for p, split in before.items())
+    assert len(after) == len(before) + 10
+    assert set(read_manifest(tmp_path / "manifest.csv", root)) == set(before)
+
+
+def test_split_folder_layout_with_and_without_val(tmp_path):
+    make_shapes(tmp_path / "a" / "train", per_class=20)
+    make_shapes(tmp_path / "a" / "valid", per_class=4, seed=3)
+    make_shapes(tmp_path / "a" / "test", per_class=5, seed=4)
+    ds = scan_dataset(tmp_path / "a")
+    assert ds.layout == "split-folders"
+    assert Counter(s.split for s in ds.samples) == {"train": 60, "val": 12, "test": 15}
+    make_shapes(tmp_path / "b" / "train", per_class=20)
+    ds = scan_dataset(tmp_path / "b")
+    split = Counter(s.split for s in ds.samples)
+    assert split["val"] > 0 and split["test"] == 0 and sum(split.values()) == 60
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: None, "not found"),
+    (lambda p: p.mkdir(), "no class folders"),
+    (lambda p: make_shapes(p, 5, classes=("only",)), "only one class"),
+    (lambda p: (make_shapes(p, 5, classes=("a", "b")), [f.unlink() for f in list((p / "b").iterdir())[1:]]), "fewer than 2"),
+    (lambda p: [(p / c).mkdir(parents=True) or (p / c / "notes.txt").write_text("x") for c in "ab"], "no images"),
+])
+def test_unusable_datasets_raise_clear_errors(tmp_path, setup, message):
+    p = Path(tmp_path / "data")
+    setup(p)
+    with pytest.raises(DatasetError, match=message):
+        scan_dataset(p)
