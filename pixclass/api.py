@@ -63,7 +63,7 @@ class ImageClassifier:
         import torch
 
         from .data.transforms import build_augment
-        from .train.loop import Trainer
+        from .train.loop import ImageInputs, Trainer
 
         cfg = TrainConfig(epochs=epochs, **train_options)
         if self.model is None:
@@ -72,7 +72,7 @@ class ImageClassifier:
             self._build()
         elif list(data.classes) != list(self.classes):
             raise UserError(f"data classes {data.classes} differ from the model's {self.classes}")
-        trainer = Trainer(self.model, data.train, data.val, self.preprocess, cfg, build_augment(data.augment),
+        trainer = Trainer(self.model, data.train, data.val, cfg, ImageInputs(self.preprocess, build_augment(data.augment)),
                           Path(out) if out else None, Reporter(quiet))
         self.history = trainer.fit()
         trainer.restore_best()

@@ -49,7 +49,8 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
     cfg = cfg.replace("data", path=data_path, image_size=overrides.pop("image_size"), channels=overrides.pop("channels"),
                       split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"))
     cfg = cfg.replace("augment", policy=overrides.pop("augment"))
-    cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"))
+    cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"),
+                      pretrained=overrides.pop("pretrained"), weights=overrides.pop("weights"))
     return cfg.replace("train", **overrides)
 
 
@@ -75,6 +76,14 @@ def train(
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Reuse the split of an earlier run's manifest.csv."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="ImageNet weights (default: yes where they ship offline)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a .safetensors/.pth state dict."),
+    freeze: bool = typer.Option(False, "--freeze", help="Feature extractor: train only the head."),
+    head_epochs: Optional[int] = typer.Option(None, "--head-epochs", help="Epochs with the backbone frozen."),
+    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Fine-tune: auto, all, or the last N units."),
+    feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
+    finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
@@ -90,7 +99,9 @@ def train(
                         weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
                         schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
                         monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
-                        threads=threads)
+                        threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
+                        freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
+                        feature_views=feature_views, finetune_lr=finetune_lr)
     reporter = Reporter(quiet)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
     if as_json:
@@ -206,12 +217,14 @@ def _print_predictions(results: list[dict]) -> None:
 @app.command()
 def summary(
     model: str = typer.Argument(..., help="seed-cnn, a timm architecture name, or a saved model folder."),
-    image_size: int = typer.Option(224, "--image-size"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: the pretrained size, else 224."),
     classes: int = typer.Option(10, "--classes", min=2),
     channels: int = typer.Option(3, "--channels"),
     depth: int = typer.Option(3, "--depth", help="How many levels of nested layers to show."),
+    freeze: bool = typer.Option(False, "--freeze", help="Show a pretrained backbone frozen (trainable = head only)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained"),
 ):
-    """Show the layers, output shapes and parameter counts of a model."""
+    """Show the layers, output shapes and parameter counts (frozen vs trainable) of a model."""
     from .models.summary import model_summary
 
     if Path(model).is_dir():
@@ -223,7 +236,17 @@ def summary(
         from .models.factory import create_model
         if channels not in (1, 3):
             raise UserError(f"--channels must be 1 or 3 (got {channels})")
-        net, _ = create_model(model, classes, channels, image_size, ModelConfig(name=model))
+        net, _ = create_model(model, classes, channels, image_size or 224, ModelConfig(name=model, pretrained=pretrained))
+        if image_size is None and hasattr(net, "backbone"):
+            from .models.pretrained import pretrained_preprocess
+            image_size = pretrained_preprocess(net.backbone, channels).size
+        image_size = image_size or 224
+    if freeze:
+        backbone = getattr(net, "backbone", None)
+        if backbone is None:
+            raise UserError("--freeze needs a pretrained backbone (e.g. efficientnet_lite0)")
+        for p in backbone.parameters():
+            p.requires_grad_(False)
     typer.echo(model_summary(net, channels, image_size, depth))
 
 

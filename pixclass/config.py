@@ -88,8 +88,11 @@ class ModelConfig:
     kernel_size: int = 3
     dense: int = 256
     padding: str = "valid"
-    dropout: float = 0.0
-    pretrained: bool = False
+    dropout: float | None = None  # None: 0 for seed-cnn, 0.2 in the head of a pretrained backbone
+    # pretrained backbones: None means "yes" where offline weights ship (efficientnet_lite*)
+    pretrained: bool | None = None
+    weights: str | None = None  # a .safetensors / .pth state dict to start from
+    hidden: int = 256  # width of the transfer head's Dense layer
 
     def __post_init__(self):
         object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
@@ -97,12 +100,13 @@ class ModelConfig:
         _check(self.kernel_size in (1, 3, 5, 7), "model.kernel_size must be 1, 3, 5 or 7")
         _check(self.dense > 0, "model.dense must be > 0")
         _check_choice("model.padding", self.padding, ("valid", "same"))
-        _check(0 <= self.dropout < 1, f"model.dropout must be in [0, 1) (got {self.dropout})")
+        _check(self.dropout is None or 0 <= self.dropout < 1, f"model.dropout must be in [0, 1) (got {self.dropout})")
+        _check(self.hidden > 0, "model.hidden must be > 0")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
+    epochs: int | None = None  # None: 10 from scratch, 4 fine-tuning epochs for a pretrained backbone
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
@@ -118,9 +122,22 @@ class TrainConfig:
     monitor: str = "val_loss"
     seed: int = 0
     threads: int | None = None
+    # transfer learning (pretrained backbones)
+    freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
+    head_epochs: int = 10  # epochs of the frozen-backbone phase (on cached features: milliseconds each)
+    unfreeze: str = "auto"  # fine-tuning: "auto" (the backbone's last two units), "all", or a number of units
+    feature_views: int = 0  # augmented views per training image cached for frozen phases (0: clean only)
+    finetune_lr: float | None = None  # head rate in fine-tuning (None: lr / 2, as fastai's fine_tune)
+    lr_ratio: float = 0.1  # rate of the earliest unfrozen unit relative to the head's
 
     def __post_init__(self):
-        _check(self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})")
+        _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})")
+        _check(self.head_epochs >= 0, "head_epochs must be >= 0")
+        _check(self.unfreeze in ("auto", "all") or str(self.unfreeze).isdigit(),
+               f"unfreeze must be auto, all or a number of units (got {self.unfreeze!r})")
+        _check(self.feature_views >= 0, "feature_views must be >= 0")
+        _check(self.finetune_lr is None or self.finetune_lr > 0, "finetune_lr must be > 0")
+        _check(0 < self.lr_ratio <= 1, "lr_ratio must be in (0, 1]")
         _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))

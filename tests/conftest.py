@@ -65,3 +65,37 @@ def run_cli(*args, cwd=None):
     import subprocess
     return subprocess.run([sys.executable, "-m", "pixclass", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
+
+
+HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera.tar.gz"
+needs_hymenoptera = pytest.mark.skipif(not HYMENOPTERA.is_file(), reason="ants/bees archive not available")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_feature_cache(tmp_path_factory):
+    """Tests never read or fill the user's ~/.cache/pixclass."""
+    import os
+    os.environ["PIXCLASS_CACHE_DIR"] = str(tmp_path_factory.mktemp("pixclass-cache"))
+
+
+@pytest.fixture(scope="session")
+def hymenoptera(tmp_path_factory) -> Path:
+    """The full ants/bees photo set (train/ants, train/bees, val/ants, val/bees)."""
+    import tarfile
+    dest = tmp_path_factory.mktemp("hymenoptera")
+    with tarfile.open(HYMENOPTERA) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "hymenoptera"
+
+
+@pytest.fixture(scope="session")
+def ants_bees_small(hymenoptera, tmp_path_factory) -> Path:
+    """A small copy: 24 training and 12 validation photos per class."""
+    import shutil
+    dest = tmp_path_factory.mktemp("ab-small") / "ab"
+    for split, n in (("train", 24), ("val", 12)):
+        for cls in ("ants", "bees"):
+            (dest / split / cls).mkdir(parents=True)
+            for f in sorted((hymenoptera / split / cls).iterdir())[:n]:
+                shutil.copy(f, dest / split / cls / f.name)
+    return dest

@@ -89,7 +89,7 @@ BAD_INPUTS = {
     "bad option value": (lambda p: make_shapes(p, 4), ["--lr", "-0.1"], "lr must be > 0"),
     "bad augment": (lambda p: make_shapes(p, 4), ["--augment", "heavy"], "augment must be one of none, standard"),
     "bad config file": (lambda p: (make_shapes(p, 4), (p.parent / "c.yaml").write_text("train:\n  epochs: -3\n")),
-                        ["--config", "{parent}/c.yaml"], "epochs must be >= 1"),
+                        ["--config", "{parent}/c.yaml"], "epochs must be >= 0"),
     "image too small": (lambda p: make_shapes(p, 4), ["--image-size", "16"], "too small for seed-cnn"),
 }
 

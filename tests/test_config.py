@@ -11,7 +11,7 @@ def test_yaml_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: TrainConfig(epochs=0), "epochs"),
+    (lambda: TrainConfig(epochs=-1), "epochs"),
     (lambda: TrainConfig(lr=-1), "lr"),
     (lambda: TrainConfig(optimizer="rmsprop"), "optimizer"),
     (lambda: TrainConfig(schedule="wiggle"), "schedule"),

@@ -14,6 +14,18 @@ from .transforms import Preprocess
 
 
 @dataclass
+class PathSplit:
+    """A split not decoded yet: file paths and label indices (for pipelines that decode only
+    what they need, such as cached pretrained features)."""
+
+    paths: list[Path]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
 class PreparedData:
     scanned: ScannedDataset
     preprocess: Preprocess
@@ -33,7 +45,7 @@ class PreparedData:
         write_manifest(self.scanned, path)
 
 
-def _report_skipped(skipped, reporter: Reporter) -> None:
+def report_skipped(skipped, reporter: Reporter) -> None:
     if not skipped:
         return
     shown = "\n  ".join(f"{p}: {reason}" for p, reason in skipped[:20])
@@ -51,12 +63,14 @@ def _stats_sample(split, pre: Preprocess, reporter: Reporter, limit: int = 2000)
 
 def prepare_data(path, channels: int = 3, image_size: int | None = None, fractions=(0.7, 0.15, 0.15), seed: int = 0,
                  manifest: Path | None = None, preprocess: Preprocess | None = None, max_memory_gb: float = 4.0,
-                 reporter: Reporter | None = None) -> PreparedData:
+                 reporter: Reporter | None = None, decode: bool = True,
+                 scanned: ScannedDataset | None = None) -> PreparedData:
     """Scan, split and decode. With `preprocess` given (a pretrained model's, or a resumed run's)
     it is used as is; otherwise the size comes from `image_size` or the data, and mean/std are the
-    training images' own statistics."""
+    training images' own statistics. With `decode=False` (needs `preprocess`) the splits are
+    `PathSplit`s and unreadable files are found later, by whoever decodes."""
     reporter = reporter or Reporter()
-    scanned = scan_dataset(path, fractions, seed, manifest)
+    scanned = scanned or scan_dataset(path, fractions, seed, manifest)
     index = {c: i for i, c in enumerate(scanned.classes)}
 
     def split_files(name):
@@ -70,6 +84,9 @@ def prepare_data(path, channels: int = 3, image_size: int | None = None, fractio
         compute_stats = True
     else:
         compute_stats = False
+    if not decode:
+        parts = {name: PathSplit(*split_files(name)) for name in ("train", "val", "test")}
+        return PreparedData(scanned, preprocess, parts["train"], parts["val"] or None, parts["test"] or None, [])
     splits, skipped = {}, []
     for name in ("train", "val", "test"):
         paths, labels = split_files(name)
@@ -81,7 +98,7 @@ def prepare_data(path, channels: int = 3, image_size: int | None = None, fractio
     if splits["train"] is None or len(splits["train"]) == 0:
         example = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DatasetError(f"no readable training images in {path} ({len(skipped)} file(s) failed to decode{example})")
-    _report_skipped(skipped, reporter)
+    report_skipped(skipped, reporter)
     if compute_stats:
         mean, std = channel_stats(_stats_sample(splits["train"], preprocess, reporter))
         preprocess = replace(preprocess, mean=tuple(round(m, 6) for m in mean), std=tuple(round(s, 6) for s in std))

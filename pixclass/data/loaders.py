@@ -52,7 +52,8 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
     good = torch.zeros(n, dtype=torch.bool)
     failures = []
     workers = default_workers() if n >= 512 else 0
-    loader = DataLoader(DecodedImages(paths, pre), batch_size=64, num_workers=workers, collate_fn=_keep_all)
+    loader = DataLoader(DecodedImages(paths, pre), batch_size=64, num_workers=workers, collate_fn=_keep_all,
+                        generator=torch.Generator())  # workers must not draw from the global RNG
     with reporter.bar(what, n) as bar:
         for chunk in loader:
             for i, img, reason in chunk:
@@ -98,7 +99,7 @@ class StreamingSplit:
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         ds = DecodedImages([self.paths[i] for i in order], self.pre)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(), collate_fn=_keep_all,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator())
         for chunk in loader:
             good = [(i, img) for i, img, _ in chunk if img is not None]
             if not good:

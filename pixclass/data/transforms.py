@@ -83,12 +83,14 @@ def normalize(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 
 def batch_to_input(batch: torch.Tensor, pre: Preprocess, augment: "BatchAugment | None" = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 N x C x H x W -> standardized float input, augmented when `augment` is given."""
+                   generator: torch.Generator | None = None,
+                   memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """uint8 N x C x H x W -> standardized float input, augmented when `augment` is given.
+    channels_last by default: PyTorch's CPU convolutions are fastest in it."""
     x = batch.float().div_(255.0)
     if augment is not None:
         x = augment(x, generator)
-    return normalize(x, pre).contiguous(memory_format=torch.channels_last)
+    return normalize(x, pre).contiguous(memory_format=memory_format)
 
 
 def _uniform(n: int, low: float, high: float, g) -> torch.Tensor:
@@ -126,17 +128,27 @@ class BatchAugment:
             a[:, :, 1] *= flip[:, None]
         return torch.cat([a, torch.stack([tx, ty], -1)[:, :, None]], dim=2)
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        n = x.shape[0]
-        theta = self.affine_matrices(n, g).to(x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=_GRID_PADDING[self.cfg.fill], align_corners=False)
+    def _draw(self, n: int, g) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
-        if c.brightness > 0:
-            x = x * _uniform(n, 1 - c.brightness, 1 + c.brightness, g).view(n, 1, 1, 1)
-        if c.contrast > 0:
+        return (self.affine_matrices(n, g), _uniform(n, 1 - c.brightness, 1 + c.brightness, g),
+                _uniform(n, 1 - c.contrast, 1 + c.contrast, g))
+
+    def __call__(self, x: torch.Tensor, g=None) -> torch.Tensor:
+        """`g`: one generator for the batch, or a list with one per image (then an image's
+        augmentation does not depend on which batch it is in)."""
+        n = x.shape[0]
+        if isinstance(g, (list, tuple)):
+            draws = [self._draw(1, gi) for gi in g]
+            theta, bright, contrast = (torch.cat(parts) for parts in zip(*draws))
+        else:
+            theta, bright, contrast = self._draw(n, g)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=_GRID_PADDING[self.cfg.fill], align_corners=False)
+        if self.cfg.brightness > 0:
+            x = x * bright.view(n, 1, 1, 1)
+        if self.cfg.contrast > 0:
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * _uniform(n, 1 - c.contrast, 1 + c.contrast, g).view(n, 1, 1, 1) + mean
+            x = (x - mean) * contrast.view(n, 1, 1, 1) + mean
         return x.clamp_(0, 1)
 
 

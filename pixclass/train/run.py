@@ -4,6 +4,7 @@ evaluation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,15 +12,21 @@ import torch
 
 from .. import artifact as artifact_io
 from ..config import RunConfig
-from ..data.dataset import PreparedData, prepare_data
+from ..data.dataset import PreparedData, report_skipped, prepare_data
+from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess, build_augment
 from ..errors import UserError
 from ..evaluate import evaluate_split, write_evaluation
-from ..models.factory import create_model
+from ..metrics import classification_metrics
+from ..models.factory import create_model, uses_pretrained
+from ..models.pretrained import pretrained_preprocess
 from ..progress import Reporter
 from ..runs import new_run_dir
 from .checkpoint import load_checkpoint
-from .loop import Trainer
+from .loop import ImageInputs, Trainer
+from .transfer import fit_transfer
+
+SCRATCH_EPOCHS = 10
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -44,44 +51,77 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         preprocess = Preprocess.from_dict(state["extra"]["preprocess"])
     else:
         run_dir = Path(out) if out else new_run_dir(Path(cfg.data.path).resolve().name)
-    run_dir.mkdir(parents=True, exist_ok=True)
     manifest = cfg.data.manifest or (run_dir / "manifest.csv" if (run_dir / "manifest.csv").is_file() else None)
+    scanned = scan_dataset(cfg.data.path, cfg.data.split, cfg.train.seed, manifest)
+    transfer = uses_pretrained(cfg.model.name, cfg.model)
+    if transfer and resume is not None:
+        raise UserError("--resume is for from-scratch runs; a pretrained run restarts in seconds from its feature cache")
+    model = arch = None
+    torch.manual_seed(cfg.train.seed)
+    if transfer:  # the model comes first: its pretrained config decides the preprocessing
+        model, arch = create_model(cfg.model.name, len(scanned.classes), cfg.data.channels, cfg.data.image_size or 224,
+                                   cfg.model, reporter)
+        preprocess = pretrained_preprocess(model.backbone, cfg.data.channels, cfg.data.image_size)
     data = prepare_data(cfg.data.path, cfg.data.channels, cfg.data.image_size, cfg.data.split, cfg.train.seed,
-                        manifest, preprocess, cfg.data.max_memory_gb, reporter)
+                        manifest, preprocess, cfg.data.max_memory_gb, reporter, decode=not transfer, scanned=scanned)
+    run_dir.mkdir(parents=True, exist_ok=True)
     data.write_manifest(run_dir / "manifest.csv")
     cfg = cfg.replace("data", image_size=data.preprocess.size)
     cfg.save_yaml(run_dir / "config.yaml")
     _report_data(data, reporter)
-
-    torch.manual_seed(cfg.train.seed)
-    model, arch = create_model(cfg.model.name, len(data.classes), data.preprocess.channels, data.preprocess.size, cfg.model)
+    if model is None:
+        model, arch = create_model(cfg.model.name, len(data.classes), data.preprocess.channels, data.preprocess.size,
+                                   cfg.model, reporter)
     total, trainable = count_parameters(model)
-    reporter.info(f"model {arch['name']}: {total:,} parameters ({trainable:,} trainable), "
-                  f"input {data.preprocess.channels}x{data.preprocess.size}x{data.preprocess.size}")
-    trainer = Trainer(model, data.train, data.val, data.preprocess, cfg.train, build_augment(cfg.augment),
-                      run_dir, reporter, extra={"preprocess": data.preprocess.to_dict(), "arch": arch,
-                                                "classes": data.classes})
+    reporter.info(f"model {arch['name']}: {total:,} parameters, input "
+                  f"{data.preprocess.channels}x{data.preprocess.size}x{data.preprocess.size}")
+    extra = {"preprocess": data.preprocess.to_dict(), "arch": arch, "classes": data.classes}
+    art = artifact_io.Artifact(model=model, arch=arch, classes=data.classes, preprocess=data.preprocess,
+                               config=cfg.to_dict())
+    if transfer:
+        result = fit_transfer(model, data, cfg, run_dir, reporter, extra)
+        history, skipped, timings = result.history, result.skipped, result.timings
+        report_skipped(skipped, reporter)
+        metrics = {}
+        if result.held_out is not None:
+            probs, labels = result.held_out
+            metrics = dict(classification_metrics(labels, probs, data.classes), split=result.held_out_split)
+    else:
+        history, skipped, timings = _fit_scratch(model, data, cfg, run_dir, reporter, extra, ckpt_path), data.skipped, {}
+        metrics = _evaluate_held_out(art, data)
+    if metrics:
+        write_evaluation(metrics, data.classes, run_dir / "evaluation")
+    art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
+    art.metrics["history_last"] = history[-1] if history else {}
+    model_dir = artifact_io.save(art, run_dir / "model")
+    return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
+            "epochs_run": len(history), "train_seconds": round(time.perf_counter() - started, 1),
+            "timings": timings, "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
+            "skipped_files": [str(p) for p, _ in skipped]}
+
+
+def _fit_scratch(model, data: PreparedData, cfg: RunConfig, run_dir: Path, reporter: Reporter, extra: dict,
+                 ckpt_path: Path | None) -> list[dict]:
+    if cfg.train.epochs == 0:
+        raise UserError("epochs must be >= 1 when training from scratch")
+    train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or SCRATCH_EPOCHS)
+    trainer = Trainer(model, data.train, data.val, train_cfg, ImageInputs(data.preprocess, build_augment(cfg.augment)),
+                      run_dir, reporter, extra=extra)
     if ckpt_path is not None:
         trainer.resume(ckpt_path)
     trainer.fit()
     trainer.restore_best()
     model.eval()
+    return trainer.history
 
-    art = artifact_io.Artifact(model=model, arch=arch, classes=data.classes, preprocess=data.preprocess,
-                               config=cfg.to_dict())
+
+def _evaluate_held_out(art, data: PreparedData) -> dict:
     held_out, split_name = (data.test, "test") if data.test is not None and len(data.test) else (data.val, "val")
-    metrics = {}
-    if held_out is not None and len(held_out):
-        metrics, _ = evaluate_split(art, held_out)
-        metrics["split"] = split_name
-        write_evaluation(metrics, data.classes, run_dir / "evaluation")
-    art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
-    art.metrics["history_last"] = trainer.history[-1] if trainer.history else {}
-    model_dir = artifact_io.save(art, run_dir / "model")
-    return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
-            "epochs_run": len(trainer.history), "train_seconds": round(time.perf_counter() - started, 1),
-            "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
-            "skipped_files": [str(p) for p, _ in data.skipped]}
+    if held_out is None or not len(held_out):
+        return {}
+    metrics, _ = evaluate_split(art, held_out)
+    metrics["split"] = split_name
+    return metrics
 
 
 def _report_data(data: PreparedData, reporter: Reporter) -> None:

@@ -1,0 +1,108 @@
+"""A pretrained timm backbone with the guide's head: GlobalAveragePooling -> Dense 256 ReLU ->
+Dropout -> Dense classes.
+
+The backbone is also seen as a chain of units (stem, stages, final conv...) whose sequential
+application equals `forward_features`. That lets training freeze the first units, compute their
+output once per image and cache it, and train only the units after the cut plus the head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# containers whose children are the stages to split at (timm's EfficientNet/MobileNet `blocks`,
+# ConvNeXt/RegNet `stages`, ...); everything else at the top level is one unit
+_STAGE_CONTAINERS = ("blocks", "stages", "layers", "features")
+_NOT_FEATURES = ("global_pool", "head", "fc", "classifier", "head_drop", "fc_norm", "head_hidden_size", "pre_logits",
+                 "flatten")
+
+
+class TransferModel(nn.Module):
+    def __init__(self, timm_name: str, num_classes: int, in_channels: int = 3, hidden: int = 256, dropout: float = 0.2):
+        super().__init__()
+        import timm
+        self.backbone_name = timm_name
+        self.backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_channels)
+        self.head = guide_head(self.backbone.num_features, num_classes, hidden, dropout)
+        # a plain tuple, not a ModuleList: the units are the backbone's own modules, and
+        # registering them twice would duplicate every tensor in the state dict
+        self.units = backbone_units(self.backbone)
+
+    @property
+    def n_units(self) -> int:
+        """Places the backbone can be cut: its units, or 1 (all or nothing) if it has none."""
+        return len(self.units) if self.units is not None else 1
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone feature map -> pooled vector (N x num_features)."""
+        return self.backbone.forward_head(features, pre_logits=True)
+
+    def forward_from(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of unit `start - 1` (start=0: from the image)."""
+        if self.units is None:
+            return self.head(self.backbone(x) if start == 0 else self.pooled(x))
+        for unit in self.units[start:]:
+            x = unit(x)
+        return self.head(self.pooled(x))
+
+    def features_until(self, stop: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of units [0, stop) for an image batch."""
+        if self.units is None:
+            return x if stop == 0 else self.backbone.forward_features(x)
+        for unit in self.units[:stop]:
+            x = unit(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x C x H x W -> N x classes (logits)
+        return self.head(self.backbone(x))
+
+
+def guide_head(in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_classes))
+
+
+def backbone_units(backbone: nn.Module) -> tuple[nn.Module, ...] | None:
+    """The backbone's feature extractor as a list of units, or None when running its top-level
+    children in order does not reproduce `forward_features` (then it is all or nothing)."""
+    units = []
+    for name, child in backbone.named_children():
+        if name in _NOT_FEATURES:
+            continue
+        if name in _STAGE_CONTAINERS and isinstance(child, nn.Sequential):
+            units += list(child)
+        else:
+            units.append(child)
+    units = tuple(units)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(1, _in_chans(backbone), 64, 64)
+            y = x
+            for unit in units:
+                y = unit(y)
+            ok = y.shape == backbone.forward_features(x).shape and torch.allclose(y, backbone.forward_features(x), atol=1e-5)
+    except Exception:
+        ok = False
+    backbone.train(was_training)
+    return units if ok else None
+
+
+def _in_chans(backbone: nn.Module) -> int:
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def default_cut(model: TransferModel) -> int:
+    """Where fine-tuning starts by default: the last two units of the backbone (for
+    EfficientNet-Lite, the 1x1 head convolution and its BatchNorm). Cheap on a CPU, since the
+    frozen part before it is cached, and enough to adapt the features to the new classes."""
+    if model.units is None:
+        return 0
+    cut = max(0, len(model.units) - 2)
+    while cut > 0 and not any(p.numel() for u in model.units[cut:] for p in u.parameters()):
+        cut -= 1
+    return cut

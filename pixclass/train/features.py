@@ -1,0 +1,229 @@
+"""Features of a frozen backbone, computed once per image (and per augmented view) and cached.
+
+The cache is keyed by the file's content (not its name), the backbone and its weights, where the
+backbone is cut, the preprocessing, the augmentation and the number of views, so a stale entry can
+never be used. The frozen part runs in ONNX Runtime when it is installed (about 1.7x faster than
+PyTorch eager for EfficientNet-Lite0 on 2 cores), else in PyTorch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.loaders import DecodedImages, default_workers
+from ..data.transforms import BatchAugment, Preprocess, batch_to_input
+from ..progress import Reporter
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PIXCLASS_CACHE_DIR") or Path.home() / ".cache" / "pixclass")
+
+
+class FrozenPart(nn.Module):
+    """Units [0, cut) of a TransferModel; at the full depth, pooled to a vector."""
+
+    def __init__(self, model, cut: int):
+        super().__init__()
+        self.model, self.cut, self.full = model, cut, cut >= model.n_units
+
+    def forward(self, x):
+        f = self.model.features_until(self.cut, x)
+        return self.model.pooled(f) if self.full else f
+
+
+class FeatureSplit:
+    """Cached features N x V x ... (view 0 is the unaugmented image) with labels."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, paths: list[Path]):
+        self.features, self.labels, self.paths = features, labels, paths
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start:start + batch_size]
+            yield self.features[idx], self.labels[idx], idx
+
+
+class FeatureInputs:
+    """One view per image: a random cached view in training, the clean view 0 in evaluation."""
+
+    def __call__(self, features: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None or features.shape[1] == 1:
+            return features[:, 0]
+        views = torch.randint(0, features.shape[1], (len(features),), generator=generator)
+        return features[torch.arange(len(features)), views]
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def weights_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class _Runner:
+    """Runs the frozen part on a float batch: ONNX Runtime where possible, PyTorch otherwise."""
+
+    memory_format = torch.contiguous_format  # what ONNX Runtime takes without a copy
+
+    def __init__(self, frozen: FrozenPart, key: str, channels: int, size: int, folder: Path):
+        self.frozen, self.session = frozen.eval(), None
+        try:
+            import onnxruntime as ort
+            path = folder / f"{key}.onnx"
+            if not path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    tmp_path = Path(tmp) / "model.onnx"
+                    torch.onnx.export(frozen, torch.zeros(1, channels, size, size), str(tmp_path), input_names=["x"],
+                                      output_names=["y"], dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False)
+                    os.replace(tmp_path, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            # no busy-waiting between batches: the decoding workers need those cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception:  # no onnxruntime, or a backbone the exporter cannot handle: eager PyTorch
+            self.session = None
+            self.frozen = self.frozen.to(memory_format=torch.channels_last)
+            self.memory_format = torch.channels_last
+
+    # ONNX Runtime measured here: 245 img/s at batch 8, 218 at 16, 193 at 32 (smaller batches
+    # stay in cache); PyTorch eager channels_last: 99 at 16, 70 at 32
+    chunk = 8
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.session is not None:
+            return torch.cat([torch.from_numpy(self.session.run(None, {"x": part.contiguous().numpy()})[0])
+                              for part in x.split(self.chunk)])
+        return torch.cat([self.frozen(part.contiguous(memory_format=torch.channels_last)).contiguous()
+                          for part in x.split(2 * self.chunk)])
+
+
+def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: BatchAugment | None, seed: int,
+                     reporter: Reporter, batch_size: int = 32):
+    """Features at `cut` for several splits in one pass over the files that miss the cache.
+
+    parts: {name: (paths, labels, views)}. Returns ({name: FeatureSplit of its readable files},
+    [(path, reason)] of the unreadable ones). A file's clean features are stored under its content
+    digest, its augmented views under digest + augmentation + seed + view number."""
+    frozen = FrozenPart(model, cut)
+    wdigest = weights_digest(frozen)
+    store_path = cache_root() / "features" / f"{_digest(model.backbone_name, wdigest, cut, pre.to_dict())}.safetensors"
+    aug_tag = _digest(asdict(augment.cfg), seed)[:12] if augment is not None else None
+    stored = _load_store(store_path)
+    names = {}  # path -> entry names it needs
+    digests = {}
+    for paths, _, views in parts.values():
+        for p in paths:
+            digests.setdefault(p, file_digest(p))
+            d = digests[p]
+            if d is not None:
+                wanted = [d] + ([f"{d}:{aug_tag}:{v}" for v in range(1, views + 1)] if aug_tag else [])
+                names[p] = list(dict.fromkeys(names.get(p, []) + wanted))
+    failures = [(p, "cannot read file") for p, d in digests.items() if d is None]
+    todo = {p: [n for n in ns if n not in stored] for p, ns in names.items()}
+    todo = {p: ns for p, ns in todo.items() if ns}
+    if todo:
+        runner = _Runner(frozen, _digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
+                         pre.channels, pre.size, store_path.parent)
+        failures += _compute(runner, todo, pre, augment, seed, stored, reporter, batch_size)
+        _save_store(store_path, stored)
+    else:
+        reporter.info(f"features: all {len(names)} images found in the cache")
+    failed = {p for p, _ in failures}
+    out = {}
+    for name, (paths, labels, views) in parts.items():
+        keep = [i for i, p in enumerate(paths) if p not in failed]
+        feats = [torch.stack([stored[digests[paths[i]]]] + [stored[f"{digests[paths[i]]}:{aug_tag}:{v}"]
+                                                            for v in range(1, views + 1) if aug_tag]) for i in keep]
+        out[name] = FeatureSplit(torch.stack(feats) if feats else torch.zeros(0),
+                                 torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
+    return out, failures
+
+
+def _compute(runner, todo: dict, pre, augment, seed, stored, reporter, batch_size):
+    failures = []
+    paths = list(todo)
+    # The decoding workers need the cores while ONNX Runtime (its own threads) is idle; torch's
+    # OpenMP threads would only spin against them for the cheap tensor work done here.
+    threads = torch.get_num_threads()
+    if runner.session is not None:
+        torch.set_num_threads(1)
+    try:
+        return _compute_batches(runner, todo, paths, pre, augment, seed, stored, reporter, batch_size, failures)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_batches(runner, todo, paths, pre, augment, seed, stored, reporter, batch_size, failures):
+    workers = default_workers() if len(paths) >= 64 else 0
+    # its own generator: creating workers must not draw from (and so shift) the global RNG
+    loader = DataLoader(DecodedImages(paths, pre), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator())
+    with reporter.bar("features", len(paths)) as bar:
+        for chunk in loader:
+            failures += [(paths[i], reason) for i, img, reason in chunk if img is None]
+            good = [(i, img) for i, img, _ in chunk if img is not None]
+            by_view: dict[int, list] = {}
+            for i, img in good:
+                for entry in todo[paths[i]]:
+                    view = int(entry.rsplit(":", 1)[1]) if ":" in entry else 0
+                    by_view.setdefault(view, []).append((i, img, entry))
+            for view, items in sorted(by_view.items()):
+                batch = torch.stack([img for _, img, _ in items])
+                if view == 0:
+                    x = batch_to_input(batch, pre, memory_format=runner.memory_format)
+                else:  # one generator per image and view: its augmentation does not depend on the batch
+                    gens = [torch.Generator().manual_seed(int(e.split(":")[0][:12], 16) ^ (seed * 7919 + view))
+                            for _, _, e in items]
+                    x = batch_to_input(batch, pre, augment, gens, memory_format=runner.memory_format)
+                for (_, _, entry), f in zip(items, runner(x)):
+                    stored[entry] = f.clone()
+            bar.advance(len(chunk))
+    return failures
+
+
+def _load_store(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors.torch import load_file
+        return dict(load_file(str(path)))
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return {}
+
+
+def _save_store(path: Path, stored: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""Transfer learning from the offline ImageNet EfficientNet-Lite0 weights on real ants/bees photos."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_hymenoptera, run_cli
+
+pytestmark = needs_hymenoptera
+
+
+@needs_hymenoptera
+def test_packaged_imagenet_weights_are_real(hymenoptera):
+    """Untouched ImageNet model: ants come out among the top-5 as class 310, bees as 309."""
+    from pixclass.data.decode import decode_image
+    from pixclass.data.transforms import batch_to_input, image_to_uint8
+    from pixclass.models.pretrained import imagenet_model, pretrained_preprocess
+
+    model = imagenet_model("efficientnet_lite0")
+    pre = pretrained_preprocess(model)
+    hits = {}
+    for cls, target in (("ants", 310), ("bees", 309)):
+        files = sorted((hymenoptera / "train" / cls).iterdir()) + sorted((hymenoptera / "val" / cls).iterdir())
+        found = 0
+        for start in range(0, len(files), 32):
+            batch = torch.stack([image_to_uint8(decode_image(f), pre) for f in files[start:start + 32]])
+            with torch.inference_mode():
+                top5 = model(batch_to_input(batch, pre)).topk(5, dim=1).indices
+            found += int((top5 == target).any(dim=1).sum())
+        hits[cls] = found / len(files)
+    assert hits["ants"] >= 0.85 and hits["bees"] >= 0.85, hits
+
+
+@pytest.fixture(scope="module")
+def transfer_run(ants_bees_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer") / "run"
+    proc = run_cli("train", ants_bees_small, "--model", "efficientnet_lite0", "--head-epochs", "4", "--epochs", "2",
+                   "--feature-views", "1", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_default_recipe_trains_head_then_fine_tunes(transfer_run):
+    summary, _ = transfer_run
+    run = Path(summary["run_dir"])
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == ["head"] * 4 + ["finetune"] * 2
+    assert summary["metrics"]["split"] == "val" and summary["metrics"]["accuracy"] >= 0.75
+    meta = json.loads((run / "model" / "pixclass.json").read_text())
+    assert meta["arch"]["backbone"] == "tf_efficientnet_lite0"
+    assert meta["preprocess"] == {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "interpolation": "bicubic", "resize": "crop", "crop_pct": 0.875}
+
+
+def test_metrics_from_cached_features_match_the_saved_model_on_images(transfer_run, ants_bees_small):
+    """The features path used in training and the artifact used for prediction agree."""
+    summary, _ = transfer_run
+    proc = run_cli("evaluate", summary["model_dir"], ants_bees_small, "--json", "--out", Path(summary["run_dir"]) / "ev")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["n"] == summary["metrics"]["n"] == 24
+    assert metrics["accuracy"] == summary["metrics"]["accuracy"]
+    assert abs(metrics["loss"] - summary["metrics"]["loss"]) < 1e-4
+
+
+def test_feature_cache_is_reused_and_keyed_by_content(ants_bees_small, tmp_path):
+    data = tmp_path / "ab"
+    shutil.copytree(ants_bees_small, data)
+    args = ["--model", "efficientnet_lite0", "--freeze", "--head-epochs", "2", "-q"]
+    env_cache = os.environ["PIXCLASS_CACHE_DIR"]
+    first = run_cli("train", data, *args, "--out", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", data, *args[:-1], "--out", tmp_path / "b")
+    assert "all 72 images found in the cache" in again.stderr, again.stderr
+    # same name, new content: must be recomputed, never served from the stale entry
+    victim = sorted((data / "train" / "ants").iterdir())[0]
+    from PIL import Image
+    Image.open(victim).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(victim)
+    third = run_cli("train", data, *args[:-1], "--out", tmp_path / "c")
+    assert third.returncode == 0 and "found in the cache" not in third.stderr
+    assert "features ━" in third.stderr and "1/1" in third.stderr
+    assert env_cache == os.environ["PIXCLASS_CACHE_DIR"]
+
+
+def test_freeze_trains_only_the_head(ants_bees_small, tmp_path):
+    proc = run_cli("train", ants_bees_small, "--model", "efficientnet_lite0", "--freeze", "--head-epochs", "3",
+                   "--out", tmp_path / "r", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == ["head"] * 3
+    assert summary["timings"]["finetune_s"] == 0
+    from safetensors.torch import load_file
+
+    from pixclass.config import ModelConfig
+    from pixclass.models.factory import create_model
+    trained = load_file(tmp_path / "r" / "model" / "model.safetensors")
+    fresh, _ = create_model("efficientnet_lite0", 2, 3, 224, ModelConfig(name="efficientnet_lite0"))
+    for key, value in fresh.backbone.state_dict().items():
+        assert torch.equal(trained[f"backbone.{key}"], value), key  # BatchNorm statistics included
+
+
+def test_user_weights_file_reports_matches(tmp_path, ants_bees_small):
+    from safetensors.torch import save_file
+
+    from pixclass.config import ModelConfig
+    from pixclass.models.factory import create_model
+    model, _ = create_model("efficientnet_lite0", 2, 3, 224, ModelConfig(name="efficientnet_lite0"))
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, tmp_path / "w.safetensors")
+    torch.save(model.backbone.state_dict(), tmp_path / "w.pth")
+    for weights in ("w.safetensors", "w.pth"):
+        proc = run_cli("train", ants_bees_small, "--model", "efficientnet_lite0", "--weights", tmp_path / weights,
+                       "--freeze", "--head-epochs", "1", "--out", tmp_path / f"r-{weights}")
+        assert proc.returncode == 0, proc.stderr
+        assert "294 tensors matched" in proc.stderr
+
+
+def test_pretrained_timm_model_offline_is_a_clear_error(ants_bees_small, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "pixclass", "train", str(ants_bees_small), "--model", "resnet18",
+                           "--pretrained", "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot get pretrained weights for resnet18" in proc.stderr and "--weights FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_summary_shows_frozen_and_trainable_counts():
+    proc = run_cli("summary", "efficientnet_lite0", "--classes", "2", "--freeze")
+    assert proc.returncode == 0, proc.stderr
+    assert "Trainable params: 328,450" in proc.stdout and "Non-trainable params: 3,371,008" in proc.stdout
+
+
+def test_cut_model_reproduces_the_full_forward():
+    from pixclass.config import ModelConfig
+    from pixclass.models.factory import create_model
+    from pixclass.models.transfer import default_cut
+    model, _ = create_model("efficientnet_lite0", 3, 3, 224, ModelConfig(name="efficientnet_lite0"))
+    model.eval()
+    x = torch.randn(2, 3, 224, 224)
+    cut = default_cut(model)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_from(cut, model.features_until(cut, x)), model(x), atol=1e-5)
+    assert np.isclose(cut, len(model.units) - 2)
