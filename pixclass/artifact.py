@@ -80,9 +80,23 @@ def load(folder) -> Artifact:
         raise UserError(f"{meta_path} is not valid JSON: {e}") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: unsupported artifact format {meta.get('format')!r}")
-    model = build_model(meta["arch"])
-    model.load_state_dict(load_file(str(weights_path)))
+    try:
+        model = build_model(meta["arch"])
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+        classes = list(meta["classes"])
+    except UserError:
+        raise
+    except Exception as e:  # a hand-edited or foreign JSON: name what is wrong, no traceback
+        raise UserError(f"{meta_path}: incomplete or invalid model description ({type(e).__name__}: {e})") from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:
+        raise UserError(f"{weights_path} is not a valid safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{weights_path} does not fit the architecture in {META_FILE}: "
+                        f"{str(e).splitlines()[0]}") from None
     model.eval()
-    return Artifact(model=model, arch=meta["arch"], classes=meta["classes"],
-                    preprocess=Preprocess.from_dict(meta["preprocess"]), config=meta.get("config", {}),
-                    metrics=meta.get("metrics", {}), versions=meta.get("versions", {}))
+    return Artifact(model=model, arch=meta["arch"], classes=classes, preprocess=preprocess,
+                    config=meta.get("config", {}), metrics=meta.get("metrics", {}), versions=meta.get("versions", {}))

@@ -47,7 +47,8 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
     if not data_path:
         raise UserError("no dataset given (pass DATA or set data.path in the config)")
     cfg = cfg.replace("data", path=data_path, image_size=overrides.pop("image_size"), channels=overrides.pop("channels"),
-                      split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"))
+                      split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"),
+                      max_pixels=overrides.pop("max_pixels"))
     cfg = cfg.replace("augment", policy=overrides.pop("augment"))
     cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"),
                       pretrained=overrides.pop("pretrained"), weights=overrides.pop("weights"))
@@ -84,6 +85,7 @@ def train(
     unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Fine-tune: auto, all, or the last N units."),
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
@@ -101,7 +103,7 @@ def train(
                         monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
                         freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
-                        feature_views=feature_views, finetune_lr=finetune_lr)
+                        feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels)
     reporter = Reporter(quiet)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
     if as_json:
@@ -166,11 +168,14 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
 ):
     """Predict the classes of images."""
+    from .data.decode import set_max_pixels
     from .predict import Predictor, collect_image_paths
     from .progress import Reporter
 
+    set_max_pixels(max_pixels)
     if fmt not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv (got {fmt!r})")
     predictor = Predictor.load(model)
@@ -248,6 +253,44 @@ def summary(
         for p in backbone.parameters():
             p.requires_grad_(False)
     typer.echo(model_summary(net, channels, image_size, depth))
+
+
+@app.command()
+def audit(
+    data: Path = typer.Argument(..., help="The dataset folder to check."),
+    fix: Optional[str] = typer.Option(None, "--fix", help="quarantine: move problem files out of the dataset."),
+    quarantine_dir: Optional[Path] = typer.Option(None, "--quarantine-dir", help="Default: DATA.quarantine beside DATA."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write audit.json and audit.html."),
+    min_size: int = typer.Option(32, "--min-size", help="Images with a side below this are reported as tiny."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (decompression bombs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Check a dataset: unreadable files, duplicates, leakage, conflicting labels, imbalance..."""
+    from . import audit_report
+    from .data.audit import audit as run_audit, quarantine
+    from .data.decode import DEFAULT_MAX_PIXELS
+    from .progress import Reporter, console
+    from .runs import new_run_dir
+
+    if fix not in (None, "quarantine"):
+        raise UserError(f"--fix must be 'quarantine' (got {fix!r})")
+    report = run_audit(data, min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
+    out = out or new_run_dir(f"audit-{Path(data).resolve().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    audit_report.write_json(report, out / "audit.json")
+    audit_report.write_html(report, out / "audit.html")
+    moved = []
+    if fix == "quarantine":
+        folder, moved = quarantine(report, quarantine_dir)
+        if not quiet:
+            console.print(f"moved {len(moved)} file(s) to {folder} (log: {folder / 'quarantine.csv'})", markup=False)
+    if as_json:
+        _print_json({**report.to_dict(), "report": str(out / "audit.html"),
+                     "quarantined": [[str(a), str(b), r] for a, b, r in moved]})
+    elif not quiet:
+        audit_report.print_summary(report, console)
+        console.print(f"report: {out / 'audit.html'}  (and audit.json)", markup=False)
 
 
 @app.command()

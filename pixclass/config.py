@@ -67,6 +67,7 @@ class DataConfig:
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     manifest: str | None = None  # reuse a split manifest (CSV) from an earlier run
     max_memory_gb: float = 4.0  # decoded datasets up to this size are kept in memory
+    max_pixels: int | None = None  # larger images are rejected from their header (None: ~89 megapixels)
 
     def __post_init__(self):
         object.__setattr__(self, "split", tuple(float(x) for x in self.split))
@@ -122,6 +123,7 @@ class TrainConfig:
     monitor: str = "val_loss"
     seed: int = 0
     threads: int | None = None
+    checkpoint_interval: float = 10.0  # seconds between checkpoints (also mid-epoch); 0: after every step
     # transfer learning (pretrained backbones)
     freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
     head_epochs: int = 10  # epochs of the frozen-backbone phase (on cached features: milliseconds each)
@@ -149,6 +151,7 @@ class TrainConfig:
         _check(self.early_stopping >= 0, "early_stopping must be >= 0")
         _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
+        _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def _unreadable_only(p: Path):
     for c in ("a", "b"):
         (p / c).mkdir(parents=True)
         for i in range(3):
-            (p / c / f"{i}.jpg").write_bytes(b"garbage")
+            (p / c / f"{i}.jpg").write_bytes(f"garbage {c} {i}".encode())
 
 
 BAD_INPUTS = {

@@ -70,3 +70,16 @@ def test_schedules_shape(schedule):
         s.epoch_end(1.0)
         s.epoch_end(1.0)
         assert s.apply(50) == pytest.approx(0.5)
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
+    from conftest import run_cli
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  path: {shapes}\n  image_size: 32\ntrain:\n  epochs: 3\n  batch_size: 8\n"
+                      "  lr: 1.0e+12\n  checkpoint_interval: 0\n")
+    proc = run_cli("train", "--config", config, "--out", tmp_path / "r", "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert "loss became nan at step 1 " in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count(".png") == 8  # the batch's files are named
+    state = torch.load(tmp_path / "r" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())

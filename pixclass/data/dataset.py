@@ -71,6 +71,8 @@ def prepare_data(path, channels: int = 3, image_size: int | None = None, fractio
     `PathSplit`s and unreadable files are found later, by whoever decodes."""
     reporter = reporter or Reporter()
     scanned = scanned or scan_dataset(path, fractions, seed, manifest)
+    if scanned.empty_classes:
+        reporter.warn(f"ignored empty class folder(s): {', '.join(scanned.empty_classes)}")
     index = {c: i for i, c in enumerate(scanned.classes)}
 
     def split_files(name):

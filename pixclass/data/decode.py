@@ -18,19 +18,31 @@ from ..errors import ImageDecodeError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")  # JPEG covers MPO files too
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+_max_pixels = DEFAULT_MAX_PIXELS
 
 
-def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def set_max_pixels(limit: int | None) -> None:
+    """Raise or lower the largest image accepted (width x height, checked from the header before
+    any pixel is decoded); None restores the default. Pillow's own check follows it."""
+    global _max_pixels
+    _max_pixels = int(limit) if limit else DEFAULT_MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(_max_pixels, DEFAULT_MAX_PIXELS)
+
+
+def open_image(source, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode a path, bytes or file object; raises ImageDecodeError on any failure."""
+    max_pixels = max_pixels or _max_pixels
     name = source if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>")
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata; failures still raise
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source, formats=ALLOWED_FORMATS)
             if img.width * img.height > max_pixels:
-                raise ImageDecodeError(name, f"image too large ({img.width}x{img.height} pixels)")
+                raise ImageDecodeError(name, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels}; "
+                                             f"raise it with --max-pixels)")
             img.seek(0)  # animated GIF/WebP: first frame
             img.load()
             return img
@@ -38,7 +50,7 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise
     except FileNotFoundError:
         raise ImageDecodeError(name, "file not found") from None
-    except Image.DecompressionBombWarning as e:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageDecodeError(name, f"image too large: {e}") from None
     except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError...)
         reason = "not an image or unsupported format" if isinstance(e, Image.UnidentifiedImageError) else str(e) or type(e).__name__
@@ -77,7 +89,7 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def decode_image(source, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(source, channels: int = 3, max_pixels: int | None = None) -> Image.Image:
     """Bytes, path or file object -> 8-bit RGB/L PIL image; raises ImageDecodeError with the name."""
     img = open_image(source, max_pixels)
     try:

@@ -67,9 +67,18 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
     return images[idx], idx, failures
 
 
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, skip: int = 0):
+    """Index tensors of successive batches. The shuffle is drawn from `generator` first, so a
+    resumed epoch can redraw the same order and `skip` the batches already done."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(skip * batch_size, n, batch_size):
+        yield order[start:start + batch_size]
+
+
 @dataclass
 class SplitData:
-    """One split kept in memory: images uint8 N x C x H x W, labels int64 N, and file paths."""
+    """One split kept in memory: inputs (uint8 images N x C x H x W, or cached features
+    N x views x ...), labels int64 N, and the file paths."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -78,10 +87,8 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            idx = order[start:start + batch_size]
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0):
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, skip):
             yield self.images[idx], self.labels[idx], idx
 
 
@@ -95,8 +102,9 @@ class StreamingSplit:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0):
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        order = order[skip * batch_size:]
         ds = DecodedImages([self.paths[i] for i in order], self.pre)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(), collate_fn=_keep_all,
                             persistent_workers=False, generator=torch.Generator())

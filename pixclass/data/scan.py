@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -69,6 +69,7 @@ class ScannedDataset:
     classes: list[str]
     samples: list[Sample]
     layout: str  # "class-folders" or "split-folders"
+    empty_classes: list[str] = field(default_factory=list)  # folders without images: not classes
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -87,16 +88,21 @@ def _check_root(root: Path) -> None:
         raise DatasetError(f"dataset path is not a folder: {root}")
 
 
-def _check_classes(per_class: dict[str, list[Path]], where: Path) -> None:
+def _check_classes(per_class: dict[str, list[Path]], where: Path) -> list[str]:
+    """Raise on an unusable set of classes; drop (and return the names of) empty class folders."""
     if not per_class:
         raise DatasetError(f"no class folders found in {where} (expected one subfolder per class)")
     if sum(len(v) for v in per_class.values()) == 0:
         raise DatasetError(f"no images found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    empty = [c for c, files in per_class.items() if not files]
+    for c in empty:
+        del per_class[c]
     if len(per_class) < 2:
         raise DatasetError(f"only one class ({next(iter(per_class))}) found in {where}; need at least 2")
     small = [c for c, files in per_class.items() if len(files) < 2]
     if small:
         raise DatasetError(f"class(es) with fewer than 2 images in {where}: {', '.join(small)}")
+    return empty
 
 
 def _stable_fraction(path: Path, seed: int) -> float:
@@ -136,19 +142,19 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
     if "train" in split_dirs:
         return _scan_split_folders(root, split_dirs, fractions, seed)
     per_class = scan_class_folders(root)
-    _check_classes(per_class, root)
+    empty = _check_classes(per_class, root)
     previous = read_manifest(manifest, root) if manifest else {}
     fresh = {label: [p for p in files if p not in previous] for label, files in per_class.items()}
     assignment = stratified_split(fresh, fractions, seed) if not previous else {
         p: _assign_new_file(p.relative_to(root), fractions, seed) for files in fresh.values() for p in files}
     assignment.update({p: s for p, (_, s) in previous.items()})
     samples = [Sample(p, label, assignment[p]) for label, files in per_class.items() for p in files]
-    return ScannedDataset(root, sorted(per_class), samples, "class-folders")
+    return ScannedDataset(root, sorted(per_class), samples, "class-folders", empty)
 
 
 def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed) -> ScannedDataset:
     train = scan_class_folders(split_dirs["train"])
-    _check_classes(train, split_dirs["train"])
+    empty = _check_classes(train, split_dirs["train"])
     classes = sorted(train)
     samples: list[Sample] = []
     if "val" in split_dirs:
@@ -161,10 +167,12 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed
         if split not in split_dirs:
             continue
         for label, files in scan_class_folders(split_dirs[split]).items():
+            if not files:
+                continue
             if label not in train:
                 raise DatasetError(f"class {label!r} in {split_dirs[split]} has no folder in {split_dirs['train']}")
             samples += [Sample(p, label, split) for p in files]
-    return ScannedDataset(root, classes, samples, "split-folders")
+    return ScannedDataset(root, classes, samples, "split-folders", empty)
 
 
 def write_manifest(dataset: ScannedDataset, path: Path) -> None:

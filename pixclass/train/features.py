@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.loaders import DecodedImages, default_workers
+from ..data.loaders import DecodedImages, SplitData, default_workers
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..progress import Reporter
 
@@ -37,22 +37,6 @@ class FrozenPart(nn.Module):
     def forward(self, x):
         f = self.model.features_until(self.cut, x)
         return self.model.pooled(f) if self.full else f
-
-
-class FeatureSplit:
-    """Cached features N x V x ... (view 0 is the unaugmented image) with labels."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, paths: list[Path]):
-        self.features, self.labels, self.paths = features, labels, paths
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
-            idx = order[start:start + batch_size]
-            yield self.features[idx], self.labels[idx], idx
 
 
 class FeatureInputs:
@@ -131,7 +115,7 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
                      reporter: Reporter, batch_size: int = 32):
     """Features at `cut` for several splits in one pass over the files that miss the cache.
 
-    parts: {name: (paths, labels, views)}. Returns ({name: FeatureSplit of its readable files},
+    parts: {name: (paths, labels, views)}. Returns ({name: SplitData of cached features, N x views x ...},
     [(path, reason)] of the unreadable ones). A file's clean features are stored under its content
     digest, its augmented views under digest + augmentation + seed + view number."""
     frozen = FrozenPart(model, cut)
@@ -164,7 +148,7 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
         keep = [i for i, p in enumerate(paths) if p not in failed]
         feats = [torch.stack([stored[digests[paths[i]]]] + [stored[f"{digests[paths[i]]}:{aug_tag}:{v}"]
                                                             for v in range(1, views + 1) if aug_tag]) for i in keep]
-        out[name] = FeatureSplit(torch.stack(feats) if feats else torch.zeros(0),
+        out[name] = SplitData(torch.stack(feats) if feats else torch.zeros(0),
                                  torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
     return out, failures
 

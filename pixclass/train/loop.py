@@ -23,9 +23,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import LRSchedule, build_optimizer
 
 
-CHECKPOINT_INTERVAL_S = 10.0
-
-
 class NonFiniteLossError(UserError):
     pass
 
@@ -79,6 +76,7 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.best_state, self._best_unsaved = None, False
         self._last_save = time.monotonic()
+        self._position = None  # where a mid-epoch checkpoint left off: batch, generator state, sums
         self.log = HistoryLog(self.run_dir)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -86,7 +84,8 @@ class Trainer:
         return {"model": self.saved_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "stopper": self.stopper.state_dict(),
                 "epoch": self.epoch, "step": self.step, "history": self.history, "phase": self.phase,
-                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "extra": self.extra}
+                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "extra": self.extra,
+                "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
         self.saved_model.load_state_dict(state["model"])
@@ -96,6 +95,7 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.history[:] = list(state["history"])
         self.epoch_offset = len(self.history) - self.epoch
+        self._position = state.get("position")
         torch.set_rng_state(state["torch_rng"])
 
     def resume(self, path: Path) -> None:
@@ -103,29 +103,50 @@ class Trainer:
         best = Path(path).with_name("best.pt")
         if best.is_file():
             self.best_state = load_checkpoint(best)["model"]
-        self.reporter.info(f"resumed from {path} at epoch {self.epoch}")
+        if self.epoch >= self.cfg.epochs:
+            self.reporter.info(f"{path}: all {self.cfg.epochs} epochs were done; saving and evaluating")
+            return
+        where = f", batch {self._position['batch'] + 1}" if self._position else ""
+        self.reporter.info(f"resumed from {path} at epoch {self.epoch + 1}{where}")
 
     def _save(self, final: bool) -> None:
-        """Write last.pt (and best.pt when the best changed) at the end of the phase, and between
-        epochs at most every CHECKPOINT_INTERVAL_S: epochs on cached features take milliseconds,
-        and writing a whole backbone after each would cost more than the training."""
-        if self.run_dir is None or not (final or time.monotonic() - self._last_save >= CHECKPOINT_INTERVAL_S):
+        """Write last.pt (and best.pt when the best changed) at the end of the phase, and otherwise
+        at most every `checkpoint_interval` seconds, also in the middle of an epoch: epochs on
+        cached features take milliseconds, and writing a whole backbone after each would cost more
+        than the training. best.pt goes first: a kill between the two writes then leaves a best.pt
+        that the replay from the older last.pt reaches again, identically."""
+        due = time.monotonic() - self._last_save >= self.cfg.checkpoint_interval
+        if self.run_dir is None or not (final or due):
             return
+        if not all(torch.isfinite(p).all() for p in self.saved_model.parameters()):
+            raise NonFiniteLossError(f"weights became non-finite at step {self.step} (epoch {self.epoch + 1}); "
+                                     f"the last good checkpoint is kept; try a lower learning rate")
         state = self.state_dict()
-        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
         if self._best_unsaved and self.best_state is not None:
             save_checkpoint({**state, "model": self.best_state}, self.run_dir / "checkpoints" / "best.pt")
             self._best_unsaved = False
+        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
         self._last_save = time.monotonic()
 
     # -- the loop ----------------------------------------------------------------------------
     def _train_epoch(self, generator: torch.Generator) -> dict:
+        """One epoch; continues from a mid-epoch checkpoint's position when there is one."""
         self.model.train()
-        total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+        position, self._position = self._position, None
+        start_batch = position["batch"] if position else 0
+        total_loss, correct, seen, earlier_s = position["sums"] if position else (0.0, 0, 0, 0.0)
+        t0 = time.perf_counter() - earlier_s
         label = f"{self.phase} epoch {self.epoch + 1}/{self.cfg.epochs}" if self.phase != "train" else \
             f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+        batch_no = start_batch
         with self.reporter.bar(label, len(self.train), stats=True) as bar:
-            for images, labels, idx in self.train.batches(self.cfg.batch_size, shuffle=True, generator=generator):
+            bar.advance(min(len(self.train), start_batch * self.cfg.batch_size))
+            batches = self.train.batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=start_batch)
+            for images, labels, idx in batches:
+                if position is not None:  # the shuffle is drawn; now the generator as it was at the kill
+                    generator.set_state(position["generator"])
+                    position = None
+                batch_no += 1
                 if len(labels) < 2:  # BatchNorm cannot train on a batch of one
                     continue
                 self.schedule.apply(self.step)
@@ -133,8 +154,9 @@ class Trainer:
                 logits = self.model(x)
                 loss = self.loss_fn(logits, labels)
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss became {loss.item()} at step {self.step} "
-                                             f"(epoch {self.epoch + 1}); try a lower learning rate")
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at step {self.step} (epoch {self.epoch + 1}, batch {batch_no}); "
+                        f"batch files: {self._batch_files(idx)}; last good checkpoint kept; try a lower learning rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -145,9 +167,21 @@ class Trainer:
                 seen += n
                 rate = seen / (time.perf_counter() - t0)
                 bar.advance(n, f"loss {total_loss / seen:.4f} acc {correct / seen:.4f} {rate:.0f} img/s")
+                if batch_no < self.steps_per_epoch:
+                    self._position = {"batch": batch_no, "generator": generator.get_state(),
+                                      "sums": (total_loss, correct, seen, time.perf_counter() - t0)}
+                    self._save(final=False)
+                    self._position = None
         elapsed = time.perf_counter() - t0
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "epoch_s": round(elapsed, 3), "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
+
+    def _batch_files(self, idx: torch.Tensor, limit: int = 8) -> str:
+        paths = getattr(self.train, "paths", None)
+        if not paths:
+            return "(not known)"
+        names = [str(paths[i]) for i in idx[:limit].tolist()]
+        return ", ".join(names) + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
 
     @torch.inference_mode()
     def _validate(self) -> dict:

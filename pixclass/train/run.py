@@ -13,6 +13,8 @@ import torch
 from .. import artifact as artifact_io
 from ..config import RunConfig
 from ..data.dataset import PreparedData, report_skipped, prepare_data
+from ..data.audit import quick_audit
+from ..data.decode import set_max_pixels
 from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess, build_augment
 from ..errors import UserError
@@ -45,6 +47,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
                  reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter()
     started = time.perf_counter()
+    set_max_pixels(cfg.data.max_pixels)
     preprocess, ckpt_path = None, None
     if resume is not None:
         ckpt_path, state, run_dir = _resume_state(resume)
@@ -53,6 +56,9 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         run_dir = Path(out) if out else new_run_dir(Path(cfg.data.path).resolve().name)
     manifest = cfg.data.manifest or (run_dir / "manifest.csv" if (run_dir / "manifest.csv").is_file() else None)
     scanned = scan_dataset(cfg.data.path, cfg.data.split, cfg.train.seed, manifest)
+    findings = quick_audit(scanned)
+    if findings:
+        reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
     transfer = uses_pretrained(cfg.model.name, cfg.model)
     if transfer and resume is not None:
         raise UserError("--resume is for from-scratch runs; a pretrained run restarts in seconds from its feature cache")

@@ -22,7 +22,8 @@ from ..config import RunConfig
 from ..data.transforms import build_augment
 from ..models.transfer import TransferModel, default_cut
 from ..progress import Reporter
-from .features import FeatureInputs, FeatureSplit, extract_features
+from ..data.loaders import SplitData
+from .features import FeatureInputs, extract_features
 from .loop import ImageInputs, Trainer
 
 FINETUNE_EPOCHS = 4
@@ -74,16 +75,16 @@ def finetune_epochs(cfg: RunConfig) -> int:
 
 
 @torch.inference_mode()
-def _through(module_fn, split: FeatureSplit, batch_size: int = 256) -> FeatureSplit:
+def _through(module_fn, split: SplitData, batch_size: int = 256) -> SplitData:
     """Apply a frozen function to every view of every cached feature."""
-    n, v = split.features.shape[:2]
-    flat = split.features.flatten(0, 1)
+    n, v = split.images.shape[:2]
+    flat = split.images.flatten(0, 1)
     out = torch.cat([module_fn(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)]) if len(flat) else flat
-    return FeatureSplit(out.view(n, v, *out.shape[1:]), split.labels, split.paths)
+    return SplitData(out.view(n, v, *out.shape[1:]), split.labels, split.paths)
 
 
 @torch.inference_mode()
-def _probabilities(module: nn.Module, split: FeatureSplit) -> np.ndarray:
+def _probabilities(module: nn.Module, split: SplitData) -> np.ndarray:
     module.eval()
     return torch.cat([torch.softmax(module(x[:, 0]), 1) for x, _, _ in split.batches(256)]).numpy()
 
