@@ -62,13 +62,17 @@ def image_to_uint8(img: Image.Image, pre: Preprocess) -> torch.Tensor:
     if pre.resize == "squash":
         img = img.resize((pre.size, pre.size), interp)
     else:
+        # resize the short side to size / crop_pct and keep the centre size x size, computed as one
+        # resample of the source region that lands in the crop (PIL's `box`): the same pixels as
+        # resize-then-crop, without resampling the parts that are cut away
         scaled = int(math.floor(pre.size / pre.crop_pct))
         w, h = img.size
         ratio = scaled / min(w, h)
-        img = img.resize((max(scaled, round(w * ratio)), max(scaled, round(h * ratio))), interp)
-        w, h = img.size
-        left, top = (w - pre.size) // 2, (h - pre.size) // 2
-        img = img.crop((left, top, left + pre.size, top + pre.size))
+        out_w, out_h = max(scaled, round(w * ratio)), max(scaled, round(h * ratio))
+        left, top = (out_w - pre.size) // 2, (out_h - pre.size) // 2
+        sx, sy = w / out_w, h / out_h
+        box = (left * sx, top * sy, (left + pre.size) * sx, (top + pre.size) * sy)
+        img = img.resize((pre.size, pre.size), interp, box=box)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -136,9 +136,10 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     todo = {p: [n for n in ns if n not in stored] for p, ns in names.items()}
     todo = {p: ns for p, ns in todo.items() if ns}
     if todo:
-        runner = _Runner(frozen, _digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
-                         pre.channels, pre.size, store_path.parent)
-        failures += _compute(runner, todo, pre, augment, seed, stored, reporter, batch_size)
+        def make_runner():
+            return _Runner(frozen, _digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
+                           pre.channels, pre.size, store_path.parent)
+        failures += _compute(make_runner, todo, pre, augment, seed, stored, reporter, batch_size)
         _save_store(store_path, stored)
     else:
         reporter.info(f"features: all {len(names)} images found in the cache")
@@ -153,27 +154,29 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     return out, failures
 
 
-def _compute(runner, todo: dict, pre, augment, seed, stored, reporter, batch_size):
+def _compute(make_runner, todo: dict, pre, augment, seed, stored, reporter, batch_size):
     failures = []
     paths = list(todo)
+    workers = default_workers() if len(paths) >= 64 else 0
+    # its own generator: creating workers must not draw from (and so shift) the global RNG
+    loader = DataLoader(DecodedImages(paths, pre), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator())
+    batches = iter(loader)  # the workers start decoding while the frozen part is exported below
+    runner = make_runner()
     # The decoding workers need the cores while ONNX Runtime (its own threads) is idle; torch's
     # OpenMP threads would only spin against them for the cheap tensor work done here.
     threads = torch.get_num_threads()
     if runner.session is not None:
         torch.set_num_threads(1)
     try:
-        return _compute_batches(runner, todo, paths, pre, augment, seed, stored, reporter, batch_size, failures)
+        return _compute_batches(runner, batches, todo, paths, pre, augment, seed, stored, reporter, failures)
     finally:
         torch.set_num_threads(threads)
 
 
-def _compute_batches(runner, todo, paths, pre, augment, seed, stored, reporter, batch_size, failures):
-    workers = default_workers() if len(paths) >= 64 else 0
-    # its own generator: creating workers must not draw from (and so shift) the global RNG
-    loader = DataLoader(DecodedImages(paths, pre), batch_size=batch_size, num_workers=workers, collate_fn=list,
-                        generator=torch.Generator())
+def _compute_batches(runner, batches, todo, paths, pre, augment, seed, stored, reporter, failures):
     with reporter.bar("features", len(paths)) as bar:
-        for chunk in loader:
+        for chunk in batches:
             failures += [(paths[i], reason) for i, img, reason in chunk if img is None]
             good = [(i, img) for i, img, _ in chunk if img is not None]
             by_view: dict[int, list] = {}
