@@ -88,7 +88,7 @@ class ImageClassifier:
         """Metrics on a split (e.g. `data.test`) or on a labelled folder."""
         from .evaluate import evaluate_folder, evaluate_split
         if isinstance(data, (str, Path)):
-            return evaluate_folder(self._artifact(), data)
+            return evaluate_folder(self._artifact(), data)[0]
         metrics, _ = evaluate_split(self._artifact(), data)
         return metrics
 
@@ -104,6 +104,22 @@ class ImageClassifier:
         probs = self.predict_proba(images)
         out = [top_k(row, self.classes, min(k, len(self.classes))) for row in probs]
         return out[0] if single else out
+
+    def explain(self, image, method: str = "gradcam", class_name: str | None = None, layer: str | None = None):
+        """Heatmap of where the model looks for one image: {"heatmap": H x W array in [0, 1],
+        "probabilities": {class: p}, "figure": matplotlib Figure (original | overlay)}."""
+        from .explain import Explainer, explanation_figure
+        index = self.classes.index(class_name) if class_name is not None else None
+        with Explainer(self._artifact(), method, layer) as explainer:
+            maps, probs, batch = explainer.heatmaps([image], index)
+        return {"heatmap": maps[0], "probabilities": dict(zip(self.classes, probs[0].tolist())),
+                "figure": explanation_figure(batch[0], maps[0], probs[0], self.classes, method=method)}
+
+    def filters(self, layer: str | None = None):
+        """(first-layer filters as an array F x kh x kw x C in [0, 1], a Figure of the grid)."""
+        from .explain import filter_grid
+        self._build()
+        return filter_grid(self.model, layer)
 
     def summary(self, depth: int = 3) -> str:
         from .models.summary import model_summary

@@ -86,6 +86,8 @@ def train(
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fast recipe: auto | fp32 | bf16"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
@@ -103,7 +105,8 @@ def train(
                         monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
                         freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
-                        feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels)
+                        feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels, recipe=recipe,
+                        precision=precision)
     reporter = Reporter(quiet)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
     if as_json:
@@ -118,6 +121,8 @@ def _print_train_summary(summary: dict) -> None:
     if m:
         console.print(f"{m['split']} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  ({m['n']} images)", markup=False)
     console.print(f"run folder: {summary['run_dir']}\nmodel: {summary['model_dir']}", markup=False)
+    if summary.get("report"):
+        console.print(f"report: {summary['report']}", markup=False)
 
 
 @app.command()
@@ -136,10 +141,13 @@ def evaluate(
 
     reporter = Reporter(quiet)
     art = artifact_io.load(model)
-    metrics = evaluate_folder(art, data, model_dir=model, reporter=reporter)
+    metrics, probs, labels, paths = evaluate_folder(art, data, model_dir=model, reporter=reporter)
     out = out or new_run_dir(f"eval-{Path(data).resolve().name}")
     write_evaluation(metrics, art.classes, out)
-    metrics["out"] = str(out)
+    from .report import write_report
+    report = write_report(out, art, metrics, probs, labels, paths, title=f"evaluation of {model} on {data}",
+                          run_info={"model folder": str(model), "data": str(data)})
+    metrics["out"], metrics["report"] = str(out), str(report)
     if as_json:
         _print_json(metrics)
     else:
@@ -158,7 +166,8 @@ def _print_metrics_table(metrics: dict) -> None:
     console.print(table)
     topk = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     console.print(f"accuracy {metrics['accuracy']:.4f}  {topk} {metrics[topk]:.4f}  loss {metrics['loss']:.4f}  "
-                  f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\nwritten to {metrics['out']}", markup=False)
+                  f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\nwritten to {metrics['out']}\n"
+                  f"report: {metrics['report']}", markup=False)
 
 
 @app.command()
@@ -253,6 +262,56 @@ def summary(
         for p in backbone.parameters():
             p.requires_grad_(False)
     typer.echo(model_summary(net, channels, image_size, depth))
+
+
+@app.command()
+def explain(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    images: List[Path] = typer.Argument(..., help="Image files or folders."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam | gradcam++ | scorecam | eigencam | layercam"),
+    class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class (default: the top one)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Target layer (default: the last conv stage)."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the PNGs."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Heatmaps of where the model looks: original and overlay side by side, one PNG per image."""
+    from . import artifact as artifact_io
+    from .explain import explain_files
+    from .predict import collect_image_paths
+    from .progress import Reporter, console
+
+    art = artifact_io.load(model)
+    files = collect_image_paths(images)
+    if not files:
+        raise UserError("no image files found in the given paths")
+    written = explain_files(art, files, out, method, layer, class_name, top_k, reporter=Reporter(quiet))
+    if not quiet:
+        console.print(f"wrote {len(written)} explanation(s) to {out}", markup=False)
+
+
+@app.command()
+def filters(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    layer: Optional[str] = typer.Option(None, "--layer", help="A conv layer (default: the first one)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Also show this image's feature maps."),
+    maps_layer: Optional[str] = typer.Option(None, "--maps-layer", help="Layer for the feature maps."),
+    out: Path = typer.Option(Path("filters"), "--out", "-o"),
+):
+    """The first convolutional layer's filters as a grid (and optionally one image's feature maps)."""
+    from . import artifact as artifact_io
+    from .explain import feature_maps, filter_grid
+    from .progress import console
+
+    art = artifact_io.load(model)
+    out.mkdir(parents=True, exist_ok=True)
+    _, fig = filter_grid(art.model, layer)
+    fig.savefig(out / "filters.png", dpi=110)
+    console.print(f"wrote {out / 'filters.png'}", markup=False)
+    if image is not None:
+        _, fig = feature_maps(art, image, maps_layer)
+        fig.savefig(out / "feature_maps.png", dpi=110)
+        console.print(f"wrote {out / 'feature_maps.png'}", markup=False)
 
 
 @app.command()

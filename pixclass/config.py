@@ -124,6 +124,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     checkpoint_interval: float = 10.0  # seconds between checkpoints (also mid-epoch); 0: after every step
+    recipe: str = "standard"  # "fast": airbench-style from-scratch training for small images
+    precision: str = "auto"  # fast recipe: "auto" (bf16 where the CPU has AVX-512 BF16), "fp32", "bf16"
     # transfer learning (pretrained backbones)
     freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
     head_epochs: int = 10  # epochs of the frozen-backbone phase (on cached features: milliseconds each)
@@ -152,6 +154,8 @@ class TrainConfig:
         _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
+        _check_choice("recipe", self.recipe, ("standard", "fast"))
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
 
 
 @dataclass(frozen=True)

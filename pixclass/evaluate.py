@@ -6,7 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-from . import plots
 from .artifact import Artifact
 from .data.loaders import load_split
 from .data.scan import read_manifest, scan_class_folders
@@ -72,19 +71,20 @@ def evaluate_split(art: Artifact, split, batch_size: int = 256) -> tuple[dict, o
 
 
 def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None):
+    """(metrics, probabilities, labels, paths) of the images `labelled_files` picks in `root`."""
     reporter = reporter or Reporter()
     paths, labels, what = labelled_files(root, art, model_dir, reporter)
     reporter.info(f"evaluating on {what} ({len(paths)} images)")
     split, failures = load_split(paths, labels, art.preprocess, reporter, what="decoding")
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
-    metrics, _ = evaluate_split(art, split)
+    metrics, probs = evaluate_split(art, split)
     metrics["skipped_files"] = [str(p) for p, _ in failures]
-    return metrics
+    return metrics, probs, split.labels.numpy(), split.paths
 
 
 def write_evaluation(metrics: dict, classes: list[str], out_dir) -> list[Path]:
-    """metrics.json, per_class.csv, confusion_matrix.json and the confusion matrix PNGs."""
+    """metrics.json, per_class.csv, confusion_matrix.json (the figures are the report's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -93,6 +93,4 @@ def write_evaluation(metrics: dict, classes: list[str], out_dir) -> list[Path]:
         writer.writeheader()
         writer.writerows(metrics["per_class"])
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": metrics["confusion_matrix"]}))
-    return [out / "metrics.json", out / "per_class.csv", out / "confusion_matrix.json",
-            plots.confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix.png"),
-            plots.confusion_matrix(metrics["confusion_matrix"], classes, out / "confusion_matrix_normalized.png", True)]
+    return [out / "metrics.json", out / "per_class.csv", out / "confusion_matrix.json"]

@@ -49,3 +49,37 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(labels, preds, len(classes)).tolist(),
     }
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error and the reliability table: per confidence bin, the share of
+    samples, their mean confidence and their accuracy."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": 0,
+                          "confidence": None, "accuracy": None})
+            continue
+        c, a = float(conf[mask].mean()), float(correct[mask].mean())
+        ece += mask.mean() * abs(a - c)
+        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
+                      "confidence": c, "accuracy": a})
+    return {"ece": float(ece), "bins": table}
+
+
+def most_confused(matrix, classes: list[str], top: int = 10) -> list[dict]:
+    """Off-diagonal cells of the confusion matrix, largest first."""
+    m = np.asarray(matrix)
+    pairs = [(int(m[i, j]), i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j and m[i, j] > 0]
+    pairs.sort(reverse=True)
+    return [{"true": classes[i], "predicted": classes[j], "count": n,
+             "share_of_true": float(n / max(m[i].sum(), 1))} for n, i, j in pairs[:top]]
+
+
+def per_sample_loss(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))

@@ -58,3 +58,38 @@ def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = F
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
+    fig = _figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    centers = [(b["low"] + b["high"]) / 2 for b in table]
+    width = table[0]["high"] - table[0]["low"] if table else 0.1
+    acc = [b["accuracy"] or 0 for b in table]
+    ax.bar(centers, acc, width=width * 0.95, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def image_gallery(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 4) -> Path:
+    """A grid of RGB images (H x W x 3 in [0, 1]) with captions."""
+    n = len(items)
+    rows = max(1, int(np.ceil(n / cols)))
+    fig = _figure(figsize=(cols * 2.6, rows * 2.9))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
+    for ax, item in zip(axes, items + [None] * (len(axes) - n)):
+        ax.axis("off")
+        if item is not None:
+            ax.imshow(item[0])
+            ax.set_title(item[1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path

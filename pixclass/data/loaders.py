@@ -7,6 +7,7 @@ file that cannot be decoded is reported and skipped, never a crash mid-epoch."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,13 +121,43 @@ def fits_in_memory(n: int, pre: Preprocess, max_memory_gb: float) -> bool:
     return n * pre.channels * pre.size * pre.size <= max_memory_gb * 2**30
 
 
+def _cached_decode(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str):
+    """decode_all, through an on-disk cache keyed by every file's content and the preprocessing:
+    the second run on the same images skips decoding; any changed file gives a new key."""
+    from ..cache import cache_root, digest, file_digest
+    key = digest(pre.to_dict(), [file_digest(p) for p in paths])
+    path = cache_root() / "images" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                failures = [(paths[i], reason) for i, reason in json.loads(f.metadata()["failures"])]
+                images, idx = f.get_tensor("images"), f.get_tensor("index")
+            reporter.info(f"{what}: {len(paths)} decoded images from the cache")
+            return images, idx, failures
+        except Exception:  # damaged: decode again
+            pass
+    images, idx, failures = decode_all(paths, pre, reporter, what)
+    try:
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        position = {p: i for i, p in enumerate(paths)}
+        save_file({"images": images.contiguous(), "index": idx.contiguous()}, str(tmp),
+                  metadata={"failures": json.dumps([(position[p], r) for p, r in failures])})
+        os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk costs the cache, not the run
+        reporter.warn(f"could not write the decoded-image cache: {e}")
+    return images, idx, failures
+
+
 def load_split(paths: list[Path], labels: list[int], pre: Preprocess, reporter: Reporter,
                max_memory_gb: float = 4.0, what: str = "decoding"):
     """Returns (SplitData or StreamingSplit, failures)."""
     if not fits_in_memory(len(paths), pre, max_memory_gb):
         reporter.info(f"{what}: {len(paths)} images do not fit in {max_memory_gb} GB; streaming from disk")
         return StreamingSplit(paths, labels, pre), []
-    images, idx, failures = decode_all(paths, pre, reporter, what)
+    images, idx, failures = _cached_decode(paths, pre, reporter, what)
     kept = idx.tolist()
     return SplitData(images, torch.tensor([labels[i] for i in kept], dtype=torch.long), [paths[i] for i in kept]), failures
 

@@ -157,10 +157,10 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed
     empty = _check_classes(train, split_dirs["train"])
     classes = sorted(train)
     samples: list[Sample] = []
-    if "val" in split_dirs:
+    if "val" in split_dirs or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
         assignment = {p: "train" for files in train.values() for p in files}
     else:  # carve a validation set out of train/, stratified like a full split
-        f_val = fractions[1] / (fractions[0] + fractions[1]) if fractions[1] > 0 else 0.15
+        f_val = fractions[1] / (fractions[0] + fractions[1])
         assignment = stratified_split(train, (1 - f_val, f_val, 0.0), seed)
     samples += [Sample(p, label, assignment[p]) for label, files in train.items() for p in files]
     for split in ("val", "test"):

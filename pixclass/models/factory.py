@@ -13,6 +13,7 @@ from ..errors import UserError
 from . import pretrained as pretrained_weights
 
 SEED_NAMES = ("seed-cnn", "seed_cnn", "seedcnn")
+FAST_NAME = "airbench"  # the network of the fast from-scratch recipe
 TRANSFER_DROPOUT = 0.2
 
 
@@ -23,7 +24,7 @@ def canonical_name(name: str) -> str:
 def uses_pretrained(name: str, model_cfg=None) -> bool:
     """Pretrained unless switched off; by default only where offline weights ship."""
     name = canonical_name(name)
-    if name == "seed-cnn":
+    if name in ("seed-cnn", FAST_NAME):
         return False
     explicit = getattr(model_cfg, "pretrained", None)
     if explicit is not None:
@@ -41,6 +42,8 @@ def architecture(name: str, num_classes: int, in_channels: int, image_size: int,
             kwargs.update(filters=list(model_cfg.filters), kernel_size=model_cfg.kernel_size, dense=model_cfg.dense,
                           padding=model_cfg.padding, dropout=dropout or 0.0)
         kwargs["image_size"] = image_size
+        return {"name": name, "kwargs": kwargs}
+    if name == FAST_NAME:
         return {"name": name, "kwargs": kwargs}
     backbone = pretrained_weights.timm_name(name)
     check_timm_name(backbone)
@@ -67,6 +70,9 @@ def build_model(arch: dict) -> nn.Module:
     if name == "seed-cnn":
         from .seed_cnn import SeedCNN
         return SeedCNN(**kwargs)
+    if name == FAST_NAME:
+        from .airbench import AirbenchNet
+        return AirbenchNet(**kwargs)
     if "backbone" in arch:
         from .transfer import TransferModel
         return TransferModel(arch["backbone"], **kwargs)

@@ -33,7 +33,7 @@ class SeedCNN(nn.Module):
         super().__init__()
         layers, channels, size = [], in_channels, image_size
         for f in filters:
-            layers += [nn.Conv2d(channels, f, kernel_size, padding=padding), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(channels, f, kernel_size, padding=padding), nn.ReLU(), nn.MaxPool2d(2)]
             channels, size = f, _conv_out(size, kernel_size, padding) // 2
         if size < 1:
             need = min_image_size(len(filters), kernel_size, padding)
@@ -42,7 +42,7 @@ class SeedCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(channels * size * size, dense), nn.ReLU(inplace=True),
+            nn.Linear(channels * size * size, dense), nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(dense, num_classes),
         )

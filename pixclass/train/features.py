@@ -8,7 +8,6 @@ PyTorch eager for EfficientNet-Lite0 on 2 cores), else in PyTorch."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from dataclasses import asdict
@@ -18,13 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..cache import cache_root, digest
 from ..data.loaders import DecodedImages, SplitData, default_workers
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..progress import Reporter
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PIXCLASS_CACHE_DIR") or Path.home() / ".cache" / "pixclass")
 
 
 class FrozenPart(nn.Module):
@@ -49,26 +45,12 @@ class FeatureInputs:
         return features[torch.arange(len(features)), views]
 
 
-def _digest(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
-
-
 def weights_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-def file_digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 class _Runner:
@@ -120,8 +102,8 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     digest, its augmented views under digest + augmentation + seed + view number."""
     frozen = FrozenPart(model, cut)
     wdigest = weights_digest(frozen)
-    store_path = cache_root() / "features" / f"{_digest(model.backbone_name, wdigest, cut, pre.to_dict())}.safetensors"
-    aug_tag = _digest(asdict(augment.cfg), seed)[:12] if augment is not None else None
+    store_path = cache_root() / "features" / f"{digest(model.backbone_name, wdigest, cut, pre.to_dict())}.safetensors"
+    aug_tag = digest(asdict(augment.cfg), seed)[:12] if augment is not None else None
     stored = _load_store(store_path)
     names = {}  # path -> entry names it needs
     digests = {}
@@ -137,7 +119,7 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     todo = {p: ns for p, ns in todo.items() if ns}
     if todo:
         def make_runner():
-            return _Runner(frozen, _digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
+            return _Runner(frozen, digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
                            pre.channels, pre.size, store_path.parent)
         failures += _compute(make_runner, todo, pre, augment, seed, stored, reporter, batch_size)
         _save_store(store_path, stored)

@@ -19,8 +19,10 @@ from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess, build_augment
 from ..errors import UserError
 from ..evaluate import evaluate_split, write_evaluation
+from ..report import write_report
 from ..metrics import classification_metrics
-from ..models.factory import create_model, uses_pretrained
+from ..data.loaders import SplitData
+from ..models.factory import FAST_NAME, create_model, uses_pretrained
 from ..models.pretrained import pretrained_preprocess
 from ..progress import Reporter
 from ..runs import new_run_dir
@@ -29,6 +31,7 @@ from .loop import ImageInputs, Trainer
 from .transfer import fit_transfer
 
 SCRATCH_EPOCHS = 10
+FAST_EPOCHS = 10
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -59,6 +62,13 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     findings = quick_audit(scanned)
     if findings:
         reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
+    fast = cfg.train.recipe == "fast"
+    if fast:
+        if cfg.model.name not in ("seed-cnn", FAST_NAME):
+            raise UserError(f"--recipe fast trains its own network ({FAST_NAME}); drop --model {cfg.model.name}")
+        if resume is not None:
+            raise UserError("--resume is not available for --recipe fast")
+        cfg = cfg.replace("model", name=FAST_NAME)
     transfer = uses_pretrained(cfg.model.name, cfg.model)
     if transfer and resume is not None:
         raise UserError("--resume is for from-scratch runs; a pretrained run restarts in seconds from its feature cache")
@@ -75,6 +85,8 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     cfg = cfg.replace("data", image_size=data.preprocess.size)
     cfg.save_yaml(run_dir / "config.yaml")
     _report_data(data, reporter)
+    if fast and not isinstance(data.train, SplitData):
+        raise UserError("--recipe fast keeps the training images in memory; raise data.max_memory_gb or use smaller images")
     if model is None:
         model, arch = create_model(cfg.model.name, len(data.classes), data.preprocess.channels, data.preprocess.size,
                                    cfg.model, reporter)
@@ -84,26 +96,44 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     extra = {"preprocess": data.preprocess.to_dict(), "arch": arch, "classes": data.classes}
     art = artifact_io.Artifact(model=model, arch=arch, classes=data.classes, preprocess=data.preprocess,
                                config=cfg.to_dict())
-    if transfer:
+    if fast:
+        from .fast import fit_fast
+        result = fit_fast(model, data, cfg.train.epochs or FAST_EPOCHS, cfg.train.seed, cfg.train.precision, run_dir,
+                          reporter)
+        history, skipped = result["history"], data.skipped
+        timings = {"train_s": result["train_s"], "tta_s": result.get("tta_s")}
+        metrics, held = {}, None
+        if result["held_out"] is not None:
+            probs, labels = result["held_out"]
+            metrics = dict(classification_metrics(labels, probs, data.classes), split=result["held_out_split"],
+                           tta=True, accuracy_without_tta=result["accuracy_without_tta"])
+            held = (probs, labels, getattr(data, result["held_out_split"]).paths)
+    elif transfer:
         result = fit_transfer(model, data, cfg, run_dir, reporter, extra)
         history, skipped, timings = result.history, result.skipped, result.timings
         report_skipped(skipped, reporter)
-        metrics = {}
+        metrics, held = {}, None
         if result.held_out is not None:
             probs, labels = result.held_out
             metrics = dict(classification_metrics(labels, probs, data.classes), split=result.held_out_split)
+            held = (probs, labels, result.held_out_paths)
     else:
         history, skipped, timings = _fit_scratch(model, data, cfg, run_dir, reporter, extra, ckpt_path), data.skipped, {}
-        metrics = _evaluate_held_out(art, data)
+        metrics, held = _evaluate_held_out(art, data)
+    report = None
     if metrics:
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
+        report = write_report(run_dir, art, metrics, *held, history=history, counts=data.counts(),
+                              title=f"pixclass run {run_dir.name}",
+                              run_info={"data": cfg.data.path, "run folder": str(run_dir),
+                                        "epochs run": len(history), "seconds": round(time.perf_counter() - started, 1)})
     art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = history[-1] if history else {}
     model_dir = artifact_io.save(art, run_dir / "model")
     return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
             "epochs_run": len(history), "train_seconds": round(time.perf_counter() - started, 1),
             "timings": timings, "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
-            "skipped_files": [str(p) for p, _ in skipped]}
+            "skipped_files": [str(p) for p, _ in skipped], "report": str(report) if report else None}
 
 
 def _fit_scratch(model, data: PreparedData, cfg: RunConfig, run_dir: Path, reporter: Reporter, extra: dict,
@@ -121,13 +151,15 @@ def _fit_scratch(model, data: PreparedData, cfg: RunConfig, run_dir: Path, repor
     return trainer.history
 
 
-def _evaluate_held_out(art, data: PreparedData) -> dict:
+def _evaluate_held_out(art, data: PreparedData):
+    """(metrics, (probabilities, labels, paths)) on test, or val when there is no test split."""
     held_out, split_name = (data.test, "test") if data.test is not None and len(data.test) else (data.val, "val")
     if held_out is None or not len(held_out):
-        return {}
-    metrics, _ = evaluate_split(art, held_out)
+        return {}, None
+    metrics, probs = evaluate_split(art, held_out)
     metrics["split"] = split_name
-    return metrics
+    paths = getattr(held_out, "paths", [])
+    return metrics, (probs, held_out.labels.numpy(), paths)
 
 
 def _report_data(data: PreparedData, reporter: Reporter) -> None:

@@ -53,6 +53,7 @@ class TransferResult:
     history: list[dict]
     held_out: tuple[np.ndarray, np.ndarray] | None  # (probabilities, labels) on test (or val)
     held_out_split: str | None
+    held_out_paths: list
     skipped: list
     timings: dict
 
@@ -157,15 +158,15 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
     model.eval()
 
     held_name = "test" if final_splits.get("test") is not None else "val" if final_splits.get("val") is not None else None
-    held = None
+    held, held_paths = None, []
     if held_name and cut == 0 and epochs > 0:
         from ..inference import predict_batches
         probs, labels, _ = predict_batches(model, images[held_name].batches(64), pre)
-        held = (probs, labels)
+        held, held_paths = (probs, labels), images[held_name].paths
     elif held_name:
         split = final_splits[held_name]
-        held = (_probabilities(final, split), split.labels.numpy())
-    return TransferResult(history, held, held_name, skipped, timings)
+        held, held_paths = (_probabilities(final, split), split.labels.numpy()), split.paths
+    return TransferResult(history, held, held_name, held_paths, skipped, timings)
 
 
 def _decoded(part, pre, reporter):

@@ -1,0 +1,218 @@
+"""Look inside a model: class activation maps (Grad-CAM and its family, via pytorch-grad-cam),
+first-layer filters and feature maps. Works on a saved artifact; never imports training code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.decode import decode_image
+from .data.transforms import batch_to_input, image_to_uint8
+from .errors import UserError
+
+METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
+
+
+def _cam_class(method: str):
+    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+    classes = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM,
+               "layercam": LayerCAM}
+    if method not in classes:
+        raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    return classes[method]
+
+
+def default_target_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional stage: where spatial detail and class evidence meet."""
+    from .models.airbench import AirbenchNet
+    from .models.seed_cnn import SeedCNN
+    from .models.transfer import TransferModel, backbone_units
+    if isinstance(model, SeedCNN):
+        return [m for m in model.features if isinstance(m, nn.ReLU)][-1]
+    if isinstance(model, AirbenchNet):
+        return model.groups[-1]
+    if isinstance(model, TransferModel) and model.units is not None:
+        return model.units[-1]
+    units = backbone_units(model)
+    if units:
+        return units[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError("no convolutional layer found; pass --layer NAME")
+    return convs[-1]
+
+
+def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+    if name is None:
+        return default_target_layer(model)
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise UserError(f"no layer {name!r} in the model (some names: {', '.join(names)} ...)") from None
+
+
+class Explainer:
+    """Heatmaps for one model, one CAM object reused for every image (hooks registered once, so
+    memory stays flat over thousands of images)."""
+
+    def __init__(self, art, method: str = "gradcam", layer: str | None = None):
+        self.art, self.method = art, method
+        self.model = art.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(True)  # gradients flow to the activations; weights never change here
+        self.layer = find_layer(self.model, layer)
+        self.cam = _cam_class(method)(model=self.model, target_layers=[self.layer])
+        if hasattr(self.cam, "batch_size"):
+            self.cam.batch_size = 32  # ScoreCAM's masked forward passes
+
+    def close(self) -> None:
+        self.cam.activations_and_grads.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def heatmaps(self, images: list, class_index: int | None = None):
+        """PIL images (or paths/bytes) -> (heatmaps N x H x W in [0, 1], probabilities N x K,
+        uint8 inputs N x C x H x W as the model saw them)."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+        pre = self.art.preprocess
+        batch = torch.stack([image_to_uint8(img if hasattr(img, "mode") else decode_image(img, pre.channels), pre)
+                             for img in images])
+        x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x).float(), 1).numpy()
+        targets = [ClassifierOutputTarget(class_index if class_index is not None else int(p.argmax())) for p in probs]
+        maps = self.cam(input_tensor=x, targets=targets)
+        return np.asarray(maps, dtype=np.float32), probs, batch
+
+
+def overlay(image_uint8_chw: torch.Tensor, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB float image in [0, 1] with the heatmap blended over it (jet colour map)."""
+    from matplotlib import colormaps
+    img = image_uint8_chw.permute(1, 2, 0).numpy().astype(np.float32) / 255
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    colour = colormaps["jet"](heatmap)[..., :3]
+    return np.clip((1 - alpha) * img + alpha * colour, 0, 1)
+
+
+def explanation_figure(image: torch.Tensor, heatmap: np.ndarray, probs: np.ndarray, classes: list[str],
+                       title: str = "", k: int = 3, method: str = "gradcam"):
+    """The original and the overlay side by side, the top-k classes in the title."""
+    from .plots import _figure
+    fig = _figure(figsize=(7, 3.8))
+    axes = fig.subplots(1, 2)
+    rgb = image.permute(1, 2, 0).numpy()
+    axes[0].imshow(rgb.squeeze(), cmap="gray" if rgb.shape[2] == 1 else None)
+    axes[0].set_title("input")
+    axes[1].imshow(overlay(image, heatmap))
+    axes[1].set_title(method)
+    for ax in axes:
+        ax.axis("off")
+    top = np.argsort(-probs)[:k]
+    fig.suptitle((title + "\n" if title else "") + "   ".join(f"{classes[i]} {probs[i]:.2f}" for i in top), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam", layer: str | None = None,
+                  class_name: str | None = None, k: int = 3, batch_size: int = 16, reporter=None) -> list[Path]:
+    """One PNG per image: original | overlay, with the top-k classes and probabilities."""
+    from .errors import ImageDecodeError
+    class_index = None
+    if class_name is not None:
+        if class_name not in art.classes:
+            raise UserError(f"unknown class {class_name!r} (classes: {', '.join(art.classes)})")
+        class_index = art.classes.index(class_name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with Explainer(art, method, layer) as explainer:
+        for start in range(0, len(paths), batch_size):
+            chunk, images = [], []
+            for p in paths[start:start + batch_size]:
+                try:
+                    images.append(decode_image(p, art.preprocess.channels))
+                    chunk.append(p)
+                except ImageDecodeError as e:
+                    if reporter:
+                        reporter.warn(f"skipped unreadable file {p}: {e.reason}")
+            if not images:
+                continue
+            maps, probs, batch = explainer.heatmaps(images, class_index)
+            for p, m, pr, img in zip(chunk, maps, probs, batch):
+                fig = explanation_figure(img, m, pr, art.classes, Path(p).name, k, method)
+                target = out_dir / f"{Path(p).stem}_{method.replace('+', 'p')}.png"
+                fig.savefig(target, dpi=90)
+                written.append(target)
+    return written
+
+
+def first_conv(model: nn.Module, name: str | None = None) -> nn.Conv2d:
+    if name is not None:
+        layer = find_layer(model, name)
+        if not isinstance(layer, nn.Conv2d):
+            raise UserError(f"layer {name!r} is a {type(layer).__name__}, not a convolution")
+        return layer
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m
+    raise UserError("the model has no convolutional layer")
+
+
+def filter_grid(model: nn.Module, layer: str | None = None):
+    """(filters as an array F x kh x kw x 3|1 scaled to [0, 1], matplotlib Figure of the grid)."""
+    from .plots import _figure
+    conv = first_conv(model, layer)
+    w = conv.weight.detach().float().cpu()
+    if w.shape[1] not in (1, 3):
+        w = w.mean(1, keepdim=True)
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = ((w - lo) / (hi - lo).clamp_min(1e-8)).permute(0, 2, 3, 1).numpy()
+    n = len(w)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig = _figure(figsize=(cols * 0.9, rows * 0.9 + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(w[i].squeeze(), cmap="gray" if w.shape[3] == 1 else None, interpolation="nearest")
+    fig.suptitle(f"{n} filters of the first convolution ({w.shape[1]}x{w.shape[2]})", fontsize=9)
+    return w, fig
+
+
+def feature_maps(art, image, layer: str | None = None, limit: int = 64):
+    """(activations C x H x W of one image at a layer, Figure of up to `limit` channels)."""
+    from .plots import _figure
+    model = art.model.eval()
+    target = find_layer(model, layer)
+    captured = {}
+    handle = target.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o.detach()))
+    try:
+        pre = art.preprocess
+        img = image if hasattr(image, "mode") else decode_image(image, pre.channels)
+        with torch.no_grad():
+            model(batch_to_input(image_to_uint8(img, pre)[None], pre))
+    finally:
+        handle.remove()
+    maps = captured["out"][0].float().numpy()
+    n = min(limit, len(maps))
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig = _figure(figsize=(cols * 1.1, rows * 1.1 + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(maps[i], cmap="viridis")
+    fig.suptitle(f"feature maps ({n} of {len(maps)} channels, {maps.shape[1]}x{maps.shape[2]})", fontsize=9)
+    return maps, fig

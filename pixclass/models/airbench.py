@@ -1,0 +1,64 @@
+"""The fast from-scratch network for small images, in the style of airbench (Keller Jordan's
+CIFAR-10 speedruns): a frozen patch-whitening first layer, three conv groups with BatchNorm and
+GELU, global max pooling, a bias-free linear layer with a fixed output scale."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _bn(width: int) -> nn.BatchNorm2d:
+    # airbench's BatchNorm: running stats follow the batches quickly (0.6 keep), no learned scale
+    bn = nn.BatchNorm2d(width, momentum=0.4, eps=1e-12)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    """3x3 convolution whose first `cin` filters start as the identity (as in airbench): the
+    network begins close to passing its input through, which trains faster."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(cin, cout)])
+    return conv
+
+
+class ConvGroup(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(_conv(cin, cout), nn.MaxPool2d(2), _bn(cout), nn.GELU(),
+                         _conv(cout, cout), _bn(cout), nn.GELU())
+
+
+class AirbenchNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, widths=(64, 256, 256), whiten_kernel: int = 2,
+                 output_scale: float = 1 / 9):
+        super().__init__()
+        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * whiten_kernel ** 2, whiten_kernel, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set from the data by `init_whitening`, never trained
+        groups, cin = [], self.whiten.out_channels
+        for w in widths:
+            groups.append(ConvGroup(cin, w))
+            cin = w
+        self.groups = nn.Sequential(*groups)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+        self.output_scale = output_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Filters that whiten the 2x2 (kernel-size) patches of standardized training images:
+        the covariance's eigenvectors scaled by 1/sqrt(eigenvalue), with their negatives."""
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N C H' W' k k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1] * k * k).double()
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).view(-1, images.shape[1], k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x C x H x W -> N x classes (logits)
+        x = nn.functional.gelu(self.whiten(x))
+        x = self.pool(self.groups(x)).flatten(1)
+        return self.head(x) * self.output_scale

@@ -1,0 +1,117 @@
+"""report.html: one self-contained page per training run or evaluation (figures embedded), with
+the same figures as PNG files beside it.
+
+Sections: run summary and config, data, training curves, test metrics, per-class table,
+confusion matrix (counts and normalized), most-confused pairs, the worst-scored test images with
+their Grad-CAM overlays, and calibration (ECE with a reliability diagram)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from . import plots
+from .metrics import calibration, most_confused, per_sample_loss
+
+SECTIONS = ("summary", "data", "curves", "metrics", "per-class", "confusion", "confused-pairs", "top-losses",
+            "calibration")
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}">'
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[Path | None, list[dict]]:
+    """Gallery of the highest-loss test images, each with the Grad-CAM of its predicted class."""
+    if not paths:
+        return None, []
+    losses = per_sample_loss(labels, probs)
+    worst = np.argsort(-losses)[:count]
+    rows = [{"path": str(paths[i]), "true": art.classes[labels[i]], "predicted": art.classes[int(probs[i].argmax())],
+             "probability": float(probs[i].max()), "loss": float(losses[i])} for i in worst]
+    items = []
+    try:
+        from .explain import Explainer, overlay
+        with Explainer(art) as explainer:
+            maps, _, batch = explainer.heatmaps([paths[i] for i in worst])
+        for r, m, img in zip(rows, maps, batch):
+            items.append((overlay(img, m), f"{Path(r['path']).name}\ntrue {r['true']} / pred {r['predicted']} "
+                                          f"{r['probability']:.2f}"))
+    except Exception as e:  # an explanation must never cost the report
+        rows.append({"path": f"(Grad-CAM unavailable: {e})", "true": "", "predicted": "", "probability": 0, "loss": 0})
+        return None, rows
+    return plots.image_gallery(items, out / "top_losses.png"), rows
+
+
+def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.ndarray, paths: list,
+                 history: list[dict] | None = None, counts: dict | None = None, title: str = "pixclass run",
+                 run_info: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = art.classes
+    cm = metrics["confusion_matrix"]
+    figs = {"confusion": plots.confusion_matrix(cm, classes, out / "confusion_matrix.png"),
+            "confusion_norm": plots.confusion_matrix(cm, classes, out / "confusion_matrix_normalized.png", True)}
+    calib = calibration(labels, probs)
+    figs["reliability"] = plots.reliability_diagram(calib["bins"], calib["ece"], out / "reliability.png")
+    if history:
+        figs["curves"] = plots.training_curves(history, out / "curves.png")
+    gallery, worst = _top_losses(art, probs, labels, paths, out)
+    pairs = most_confused(cm, classes)
+    (out / "calibration.json").write_text(json.dumps(calib, indent=2))
+
+    s = {}
+    info = dict(run_info or {})
+    info.update({"model": art.arch["name"], "classes": len(classes), "input": f"{art.preprocess.channels}x"
+                 f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{metrics.get('split', 'data')} "
+                 f"({metrics['n']} images)"})
+    s["summary"] = _table([[k, v] for k, v in info.items()], ["", ""]) + \
+        f"<details><summary>config</summary><pre>{html.escape(yaml.safe_dump(art.config or {}, sort_keys=False))}</pre></details>"
+    if counts:
+        splits = sorted({sp for v in counts.values() for sp in v})
+        s["data"] = _table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
+    else:
+        s["data"] = "<p>per-class counts of the evaluated images are in the per-class table (support)</p>"
+    s["curves"] = _img(figs["curves"]) if history else "<p>no training history (an evaluation of a saved model)</p>"
+    topk = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
+    headline = [["accuracy", f"{metrics['accuracy']:.4f}"], ["loss", f"{metrics['loss']:.4f}"],
+                ["macro F1", f"{metrics['macro_f1']:.4f}"], ["images", metrics["n"]]]
+    if topk:
+        headline.insert(1, [topk.replace("_", " "), f"{metrics[topk]:.4f}"])
+    if "accuracy_without_tta" in metrics:
+        headline.insert(1, ["accuracy without TTA", f"{metrics['accuracy_without_tta']:.4f}"])
+    s["metrics"] = _table(headline, ["metric", "value"])
+    s["per-class"] = _table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                             for r in metrics["per_class"]], ["class", "precision", "recall", "F1", "support"])
+    s["confusion"] = _img(figs["confusion"]) + _img(figs["confusion_norm"])
+    s["confused-pairs"] = _table([[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in pairs],
+                                 ["true", "predicted as", "count", "share of true class"]) if pairs else \
+        "<p>no confusions</p>"
+    s["top-losses"] = (_img(gallery) if gallery else "") + _table(
+        [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
+        ["image", "true", "predicted", "probability", "loss"])
+    s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + _img(figs["reliability"])
+    titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves", "metrics": "Test metrics",
+              "per-class": "Per-class precision, recall, F1", "confusion": "Confusion matrix",
+              "confused-pairs": "Most-confused pairs", "top-losses": "Worst-scored images (top losses, Grad-CAM)",
+              "calibration": "Calibration"}
+    body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{s[k]}</section>' for k in SECTIONS)
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+             "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;"
+             "margin:4px}section{margin-bottom:2em}pre{background:#f6f6f6;padding:8px}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    (out / "report.html").write_text(page)
+    return out / "report.html"

@@ -1,0 +1,136 @@
+"""Grad-CAM, filters and the run report."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+OUTPUT = Path(__file__).resolve().parent / "output"  # screenshots and figures a person may look at
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(tmp_path_factory):
+    """automobile vs frog, 400 training images each, from the CIFAR-10 archive."""
+    import tarfile
+    root = tmp_path_factory.mktemp("cifar")
+    wanted = {"automobile", "frog"}
+    with tarfile.open(CIFAR) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.split("/")[1] == "train"
+                   and m.name.split("/")[2] in wanted]
+        by_class = {c: sorted([m for m in members if m.name.split("/")[2] == c], key=lambda m: m.name)[:400]
+                    for c in wanted}
+        tar.extractall(root, members=[m for ms in by_class.values() for m in ms], filter="data")
+    return root / "cifar10" / "train"
+
+
+@pytest.fixture(scope="module")
+def cifar_model(cifar_subset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    proc = run_cli("train", cifar_subset, "--image-size", "48", "--epochs", "8", "--augment", "none", "--out", out,
+                   "-q", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 archive not available")
+def test_gradcam_heatmap_follows_the_object(cifar_model, cifar_subset):
+    from pixclass import load
+    run, summary = cifar_model
+    assert summary["metrics"]["accuracy"] > 0.8
+    clf = load(run / "model")
+    car = Image.open(sorted((cifar_subset / "automobile").iterdir())[3]).convert("RGB").resize((48, 48))
+    peaks = []
+    for corner in ((0, 0), (48, 48)):
+        canvas = Image.new("RGB", (96, 96), (128, 128, 128))
+        canvas.paste(car, corner)
+        result = clf.explain(canvas, class_name="automobile")
+        heat = result["heatmap"]
+        assert heat.shape == (48, 48) and heat.max() > heat.min()  # input size, not constant
+        half = heat.shape[0] // 2
+        quadrants = {(0, 0): heat[:half, :half].sum(), (48, 48): heat[half:, half:].sum()}
+        peaks.append(max(quadrants, key=quadrants.get))
+        assert result["figure"] is not None and abs(sum(result["probabilities"].values()) - 1) < 1e-5
+    assert peaks == [(0, 0), (48, 48)]
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 archive not available")
+def test_explain_and_filters_commands(cifar_model, cifar_subset, tmp_path):
+    run, _ = cifar_model
+    images = sorted((cifar_subset / "frog").iterdir())[:3]
+    for method in ("gradcam", "gradcam++", "eigencam", "layercam", "scorecam"):
+        proc = run_cli("explain", run / "model", *images, "--method", method, "--out", tmp_path / method, "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((tmp_path / method).glob("*.png"))) == 3
+    proc = run_cli("filters", run / "model", "--image", images[0], "--out", tmp_path / "f")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "f" / "filters.png").is_file() and (tmp_path / "f" / "feature_maps.png").is_file()
+    OUTPUT.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "gradcam" / f"{images[0].stem}_gradcam.png", OUTPUT / "explain_gradcam.png")
+    shutil.copy(tmp_path / "f" / "filters.png", OUTPUT / "filters.png")
+    bad = run_cli("explain", run / "model", images[0], "--method", "magic")
+    assert bad.returncode == 2 and "--method must be one of" in bad.stderr
+
+
+def test_filters_api_shapes(trained_run):
+    from pixclass import load
+    filters, fig = load(trained_run["model_dir"]).filters()
+    assert filters.shape == (32, 3, 3, 3) and filters.min() >= 0 and filters.max() <= 1 and fig is not None
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_chromium_with_every_section(trained_run):
+    from playwright.sync_api import sync_playwright
+
+    from pixclass.report import SECTIONS
+    report = Path(trained_run["run_dir"]) / "report.html"
+    assert Path(trained_run["report"]) == report
+    for png in ("curves.png", "confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png",
+                "top_losses.png"):
+        assert (report.parent / png).is_file(), png
+    OUTPUT.mkdir(exist_ok=True)
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.as_uri())
+        for section in SECTIONS:
+            assert page.locator(f"section#{section} h2").count() == 1, section
+        assert page.locator("section#top-losses img").count() == 1
+        assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        page.screenshot(path=str(OUTPUT / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert "http" not in report.read_text().replace("http-equiv", "")  # self-contained: nothing fetched
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_explaining_500_images_keeps_memory_flat(trained_run, shapes_session, tmp_path):
+    from pixclass import artifact
+    from pixclass.explain import explain_files
+    art = artifact.load(trained_run["model_dir"])
+    files = sorted(shapes_session.rglob("*.png"))
+    paths = [files[i % len(files)] for i in range(500)]
+    explain_files(art, paths[:50], tmp_path / "warm")
+    base = _rss_mb()
+    explain_files(art, paths, tmp_path / "all")
+    after = _rss_mb()
+    assert len(list((tmp_path / "all").glob("*.png"))) == len(files)  # same names overwrite
+    assert after <= base * 1.10, (base, after)

@@ -1,0 +1,57 @@
+"""The fast from-scratch recipe and the decoded-image cache."""
+
+import json
+
+import torch
+
+from conftest import make_shapes, run_cli
+
+
+def test_whitening_layer_whitens_patches():
+    from pixclass.models.airbench import AirbenchNet
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(3, 3, generator=g)
+    images = torch.einsum("ij,njhw->nihw", mix, torch.randn(200, 3, 16, 16, generator=g))  # correlated channels
+    net = AirbenchNet(num_classes=3)
+    net.init_whitening(images)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])  # the positive half
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(flat)
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+
+
+def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=40)
+    proc = run_cli("train", data, "--recipe", "fast", "--epochs", "4", "--image-size", "32", "--out", tmp_path / "r",
+                   "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    m = summary["metrics"]
+    assert m["tta"] is True and 0 <= m["accuracy_without_tta"] <= 1 and m["accuracy"] > 0.5
+    meta = json.loads((tmp_path / "r" / "model" / "pixclass.json").read_text())
+    assert meta["arch"]["name"] == "airbench"
+    pred = run_cli("predict", tmp_path / "r" / "model", data / "circle", "--json")
+    assert pred.returncode == 0 and len(json.loads(pred.stdout)) == 40
+
+
+def test_fast_recipe_rejects_another_model(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=4)
+    proc = run_cli("train", data, "--recipe", "fast", "--model", "resnet18", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "--recipe fast trains its own network" in proc.stderr
+
+
+def test_decoded_images_are_cached_by_content(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=10)
+    args = ["--epochs", "1", "--image-size", "32", "--augment", "none"]
+    first = run_cli("train", data, *args, "--out", tmp_path / "a")
+    assert first.returncode == 0 and "from the cache" not in first.stderr
+    second = run_cli("train", data, *args, "--out", tmp_path / "b")
+    assert "decoded images from the cache" in second.stderr
+    from PIL import Image
+    victim = sorted((data / "circle").iterdir())[0]
+    Image.open(victim).rotate(90).save(victim)
+    third = run_cli("train", data, *args, "--out", tmp_path / "c")
+    assert third.returncode == 0
+    # the split holding the changed file is decoded again; the others still come from the cache
+    assert third.stderr.count("decoded images from the cache") == second.stderr.count("decoded images from the cache") - 1
