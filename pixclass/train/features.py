@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..cache import cache_root, digest
+from ..cache import cache_root, digest, file_digest
 from ..data.loaders import DecodedImages, SplitData, default_workers
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..progress import Reporter
