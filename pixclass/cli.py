@@ -172,7 +172,7 @@ def _print_metrics_table(metrics: dict) -> None:
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A saved model folder."),
+    model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx file."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
@@ -312,6 +312,39 @@ def filters(
         _, fig = feature_maps(art, image, maps_layer)
         fig.savefig(out / "feature_maps.png", dpi=110)
         console.print(f"wrote {out / 'feature_maps.png'}", markup=False)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | webapp"),
+    int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on training images."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: inside the model folder)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labelled images to verify on (default: the run's test split)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Minimum top-1 agreement (0.99 fp32, 0.97 int8)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Export for deployment and check that the export agrees with the original."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .export import export as run_export
+    from .progress import Reporter, console
+
+    result = run_export(model, fmt, int8, out, data, threshold, Reporter(as_json))
+    if as_json:
+        _print_json(asdict(result))
+    else:
+        table = Table(title="export verification")
+        table.add_column("")
+        table.add_column("")
+        for k, v in result.rows():
+            table.add_row(k, v)
+        console.print(table)
+    if not result.passed:
+        console.print(f"error: the export disagrees with the original; kept as {result.path}", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()

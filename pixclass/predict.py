@@ -1,5 +1,5 @@
-"""Predict classes for image files with a saved model. Imports only the artifact, decoding and
-preprocessing: never the training code."""
+"""Predict classes for image files with a saved model (artifact folder) or an exported ONNX file.
+Imports only the artifact, decoding and preprocessing: never the training code."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artifact as artifact_io
 from .data.decode import decode_image
 from .data.scan import IMAGE_EXTENSIONS, is_hidden
-from .data.transforms import image_to_uint8
+from .data.transforms import batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError
-from .inference import predict_batches
 
 
 def collect_image_paths(inputs) -> list[Path]:
@@ -37,35 +35,40 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
 
 
 class Predictor:
-    def __init__(self, art: artifact_io.Artifact):
+    """Decoded images -> probabilities with the artifact's own preprocessing."""
+
+    def __init__(self, art):
         self.artifact = art
-        self.model, self.classes, self.preprocess = art.model.eval(), art.classes, art.preprocess
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.classes, self.preprocess = art.classes, art.preprocess
+        self.model = art.model.eval().to(memory_format=torch.channels_last)
 
     @classmethod
     def load(cls, path) -> "Predictor":
+        path = Path(path)
+        if path.suffix == ".onnx":
+            return OnnxPredictor(path)
+        from . import artifact as artifact_io
         return cls(artifact_io.load(path))
 
-    def probabilities(self, images) -> np.ndarray:
-        """Decoded PIL images (or paths/bytes) -> probabilities N x K."""
-        tensors = [image_to_uint8(img if hasattr(img, "size") and hasattr(img, "mode")
-                                  else decode_image(img, self.preprocess.channels), self.preprocess)
-                   for img in images]
-        if not tensors:
-            return np.zeros((0, len(self.classes)), np.float32)
-        batch = torch.stack([self._channels(t) for t in tensors])
-        probs, _, _ = predict_batches(self.model, [(batch, torch.zeros(len(batch), dtype=torch.long), torch.arange(len(batch)))],
-                                      self.preprocess)
-        return probs
+    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 N x C x H x W -> probabilities N x K."""
+        with torch.inference_mode():
+            return torch.softmax(self.model(batch_to_input(batch, self.preprocess)).float(), dim=1).numpy()
 
-    def _channels(self, t: torch.Tensor) -> torch.Tensor:
-        """A PIL image passed in directly may have another mode than the model expects."""
+    def _to_uint8(self, image) -> torch.Tensor:
         c = self.preprocess.channels
-        if t.shape[0] == c:
-            return t
-        if c == 1:
-            return t.float().mean(0, keepdim=True).round().to(torch.uint8)
-        return t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3]
+        if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image given directly
+            from .data.decode import to_mode
+            image = to_mode(image, c)
+        else:
+            image = decode_image(image, c)
+        return image_to_uint8(image, self.preprocess)
+
+    def probabilities(self, images) -> np.ndarray:
+        """PIL images, paths or bytes -> probabilities N x K."""
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self._probabilities(torch.stack([self._to_uint8(img) for img in images]))
 
     def predict_files(self, paths: list[Path], k: int = 5, batch_size: int = 64):
         """Returns ([{path, top_k}], [(path, reason)] for unreadable files)."""
@@ -75,14 +78,25 @@ class Predictor:
             chunk, tensors = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    tensors.append(image_to_uint8(decode_image(p, self.preprocess.channels), self.preprocess))
+                    tensors.append(self._to_uint8(p))
                     chunk.append(p)
                 except ImageDecodeError as e:
                     failures.append((p, e.reason))
-            if not tensors:
-                continue
-            batch = torch.stack(tensors)
-            probs, _, _ = predict_batches(self.model, [(batch, torch.zeros(len(batch), dtype=torch.long),
-                                                        torch.arange(len(batch)))], self.preprocess)
-            results += [{"path": str(p), "top_k": top_k(row, self.classes, k)} for p, row in zip(chunk, probs)]
+            if tensors:
+                probs = self._probabilities(torch.stack(tensors))
+                results += [{"path": str(p), "top_k": top_k(row, self.classes, k)} for p, row in zip(chunk, probs)]
         return results, failures
+
+
+class OnnxPredictor(Predictor):
+    """The same predictions from an exported ONNX file, run by ONNX Runtime."""
+
+    def __init__(self, path: Path):
+        from .export import OnnxModel
+        self.onnx = OnnxModel(path)
+        self.artifact = None
+        self.classes, self.preprocess = self.onnx.classes, self.onnx.preprocess
+
+    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        x = batch_to_input(batch, self.preprocess, memory_format=torch.contiguous_format).numpy()
+        return self.onnx.probabilities_from_input(x)
