@@ -348,6 +348,41 @@ def export(
 
 
 @app.command()
+def serve(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    workers: int = typer.Option(1, "--workers", min=1),
+    token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' on /v1."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb"),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels"),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most images per model call."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to gather a batch."),
+):
+    """Serve the model: an upload page at / and a JSON API under /v1 (docs at /docs)."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    import uvicorn
+
+    from . import artifact as artifact_io
+    from .data.decode import DEFAULT_MAX_PIXELS
+    from .serve.app import Settings
+
+    artifact_io.load(model)  # fail here, with one line, rather than in every worker
+    settings = Settings(model=str(model), token=token, max_upload_mb=max_upload_mb,
+                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    os.environ["PIXCLASS_SERVE_SETTINGS"] = json.dumps(asdict(settings))
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
+    # was there before it: make that one a no-op so a clean shutdown exits with 0
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run("pixclass.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", timeout_graceful_shutdown=30)
+
+
+@app.command()
 def audit(
     data: Path = typer.Argument(..., help="The dataset folder to check."),
     fix: Optional[str] = typer.Option(None, "--fix", help="quarantine: move problem files out of the dataset."),

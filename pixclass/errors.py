@@ -15,9 +15,12 @@ class DatasetError(UserError):
 
 
 class ImageDecodeError(Exception):
-    """A file could not be turned into pixels. Carries the file name so warnings can list it."""
+    """A file could not be turned into pixels. Carries the file name so warnings can list it, and
+    a kind: "unsupported" (not an image, or a format pixclass does not open), "too_large" (over the
+    pixel limit, judged from the header) or "corrupt" (a supported image that fails to decode)."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, reason: str, kind: str = "corrupt"):
         self.path = str(path)
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{self.path}: {reason}")

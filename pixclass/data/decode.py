@@ -42,7 +42,7 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
             img = Image.open(source, formats=ALLOWED_FORMATS)
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(name, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels}; "
-                                             f"raise it with --max-pixels)")
+                                             f"raise it with --max-pixels)", kind="too_large")
             img.seek(0)  # animated GIF/WebP: first frame
             img.load()
             return img
@@ -51,10 +51,11 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
     except FileNotFoundError:
         raise ImageDecodeError(name, "file not found") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(name, f"image too large: {e}") from None
+        raise ImageDecodeError(name, f"image too large: {e}", kind="too_large") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(name, "not an image or unsupported format", kind="unsupported") from None
     except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError...)
-        reason = "not an image or unsupported format" if isinstance(e, Image.UnidentifiedImageError) else str(e) or type(e).__name__
-        raise ImageDecodeError(name, reason) from None
+        raise ImageDecodeError(name, str(e) or type(e).__name__) from None
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -1,0 +1,273 @@
+"""`pixclass serve`: FastAPI over a saved model.
+
+Routes: POST /v1/predict (one or more files), POST /v1/explain (Grad-CAM overlay PNG),
+GET /v1/model, GET /healthz, GET /readyz, GET /metrics (Prometheus), GET / (the upload page).
+Limits answer with a JSON error body: 413 for a body over the upload limit (refused from its
+Content-Length, or as soon as a streamed body passes the limit, before it is buffered) and for
+images over the pixel limit (judged from the header), 415 for files that are not an allowed image
+format, 422 for an allowed format that does not decode, 401 without the bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files as package_files
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, Header, Query, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+
+from ..data.decode import DEFAULT_MAX_PIXELS, decode_image
+from ..data.transforms import image_to_uint8
+from ..errors import ImageDecodeError
+from .batching import Batcher
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    token: str | None = None
+    max_upload_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 32
+    batch_wait_ms: float = 5.0
+    top_k: int = 5
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class FilePrediction(BaseModel):
+    filename: str
+    top_k: list[dict]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    predictions: list[FilePrediction]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "bad request", 401: "missing or wrong bearer token", 413: "upload or image too large",
+            415: "not an allowed image format", 422: "image could not be decoded", 503: "model not loaded yet"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over the limit without buffering it."""
+
+    def __init__(self, app, limit_bytes: int):
+        self.app, self.limit = app, limit_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
+        received = 0
+        too_large = False
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    too_large = True
+                    raise ApiError(413, "too_large", f"upload larger than {self.limit} bytes")
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except ApiError as e:
+            if not started:
+                await _send_json(send, e.status, e.error, e.detail)
+        except Exception:
+            if too_large and not started:
+                await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
+            else:
+                raise
+
+
+async def _send_json(send, status: int, error: str, detail: str) -> None:
+    import json
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from .. import artifact as artifact_io
+    from ..predict import Predictor, top_k
+
+    registry = CollectorRegistry()
+    requests_total = Counter("pixclass_requests_total", "requests", ["route", "status"], registry=registry)
+    latency = Histogram("pixclass_request_seconds", "request latency", ["route"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    batch_sizes = Histogram("pixclass_batch_size", "images per model call", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    state: dict = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        art = await loop.run_in_executor(None, artifact_io.load, settings.model)
+        predictor = Predictor(art)
+        weights = Path(settings.model) / artifact_io.WEIGHTS_FILE
+        state.update(art=art, predictor=predictor,
+                     version=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
+        state["batcher"] = Batcher(predictor._probabilities, settings.max_batch, settings.batch_wait_ms / 1000,
+                                   on_batch=lambda n, s: batch_sizes.observe(n))
+        state["batcher"].start()
+        pre = art.preprocess
+        await state["batcher"].submit([torch.zeros(pre.channels, pre.size, pre.size, dtype=torch.uint8)])  # warm-up
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await state["batcher"].stop()
+
+    app = FastAPI(title="pixclass", version="1", lifespan=lifespan,
+                  description="Image classification with a pixclass model. Every error has a JSON body.")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        return JSONResponse({"error": "bad_request", "detail": str(e.errors())[:500]}, status_code=400)
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        route = request.url.path
+        with latency.labels(route).time():
+            response = await call_next(request)
+        requests_total.labels(route, str(response.status_code)).inc()
+        return response
+
+    def authorized(authorization: str | None = Header(default=None)):
+        if settings.token and authorization != f"Bearer {settings.token}":
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>")
+
+    def ready():
+        if not state["ready"]:
+            raise ApiError(503, "not_ready", "the model is still loading")
+
+    async def decode(upload: UploadFile) -> torch.Tensor:
+        data = await upload.read()
+        art = state["art"]
+
+        def work():
+            image = decode_image(data, art.preprocess.channels, settings.max_pixels)
+            return image_to_uint8(image, art.preprocess)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, work)
+        except ImageDecodeError as e:
+            status = {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
+            raise ApiError(status, {"unsupported": "unsupported_format", "too_large": "too_large"}.get(e.kind, "undecodable"),
+                           f"{upload.filename}: {e.reason}") from None
+
+    v1 = [Depends(authorized), Depends(ready)]
+
+    @app.post("/v1/predict", response_model=PredictResponse, dependencies=v1,
+              responses=_errors(400, 401, 413, 415, 422, 503))
+    async def predict(files: list[UploadFile] = File(..., description="one or more images"),
+                      k: int = Query(settings.top_k, ge=1, le=1000, description="how many classes per image")):
+        tensors = [await decode(f) for f in files]
+        probs = await state["batcher"].submit(tensors)
+        classes = state["art"].classes
+        return {"model": state["art"].arch["name"], "version": state["version"],
+                "predictions": [{"filename": f.filename or "", "top_k": top_k(p, classes, min(k, len(classes)))}
+                                for f, p in zip(files, probs)]}
+
+    @app.post("/v1/explain", dependencies=v1, responses={200: {"content": {"image/png": {}}},
+                                                         **_errors(400, 401, 413, 415, 422, 503)})
+    async def explain(file: UploadFile = File(...), method: str = Query("gradcam")):
+        from ..explain import METHODS, Explainer, overlay
+        if method not in METHODS:
+            raise ApiError(400, "bad_request", f"method must be one of {', '.join(METHODS)}")
+        tensor = await decode(file)
+
+        def work():
+            from PIL import Image
+            with Explainer(state["art"], method) as explainer:
+                img = Image.fromarray(tensor.permute(1, 2, 0).numpy().squeeze())
+                maps, _, batch = explainer.heatmaps([img])
+            rgb = (overlay(batch[0], maps[0]) * 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, "PNG")
+            return buf.getvalue()
+        png = await asyncio.get_running_loop().run_in_executor(state["batcher"].executor, work)
+        return Response(png, media_type="image/png")
+
+    @app.get("/v1/model", dependencies=v1, responses=_errors(401, 503))
+    async def model_info():
+        art = state["art"]
+        return {"name": art.arch["name"], "version": state["version"], "classes": art.classes,
+                "preprocess": art.preprocess.to_dict(), "metrics": art.metrics, "versions": art.versions}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses=_errors(503))
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"error": "not_ready", "detail": "the model is still loading"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    static = package_files("pixclass") / "serve" / "static"
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(static.joinpath("index.html").read_text())
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str):
+        if name not in ("app.js", "style.css"):
+            raise ApiError(404, "not_found", name)
+        media = "text/javascript" if name.endswith(".js") else "text/css"
+        return Response(static.joinpath(name).read_text(), media_type=media)
+
+    app.add_middleware(BodyLimit, limit_bytes=int(settings.max_upload_mb * 2**20))
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """For `uvicorn --workers N --factory`: the settings travel in an environment variable."""
+    import json
+    import os
+    return create_app(Settings(**json.loads(os.environ["PIXCLASS_SERVE_SETTINGS"])))
