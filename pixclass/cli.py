@@ -87,6 +87,7 @@ def train(
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fast recipe: auto | fp32 | bf16"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
@@ -95,6 +96,9 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
 ):
     """Train a classifier on a folder of images."""
+    import os
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(nproc)
     from .progress import Reporter
     from .train.run import run_training
 
@@ -109,10 +113,30 @@ def train(
                         precision=precision)
     reporter = Reporter(quiet)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
+    if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
+        return
     if as_json:
         _print_json(summary)
     else:
         _print_train_summary(summary)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """`pixclass train --nproc N ...` = `torchrun --nproc-per-node N -m pixclass train ...`."""
+    import subprocess
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pixclass"]
+    raise typer.Exit(subprocess.run(cmd + args).returncode)
 
 
 def _print_train_summary(summary: dict) -> None:

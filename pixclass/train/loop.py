@@ -27,8 +27,8 @@ class NonFiniteLossError(UserError):
     pass
 
 
-def set_threads(threads: int | None) -> None:
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+def set_threads(threads: int | None, processes_per_node: int = 1) -> None:
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // processes_per_node))
 
 
 class ImageInputs:
@@ -53,11 +53,18 @@ class Trainer:
     def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, run_dir: Path | None = None,
                  reporter: Reporter | None = None, phase: str = "train", extra: dict | None = None,
                  history: list | None = None, param_groups: list[dict] | None = None,
-                 saved_model: nn.Module | None = None, last_phase: bool = True, channels_last: bool = True):
+                 saved_model: nn.Module | None = None, last_phase: bool = True, channels_last: bool = True,
+                 dist=None):
         # channels_last suits convolutions over images; on cached 7x7 feature maps (1x1
         # convolutions, i.e. matrix products) the default layout measured 1.6x faster
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.saved_model = saved_model or self.model
+        from .distributed import Dist
+        self.dist = dist or Dist()
+        self.ddp = None
+        if self.dist.enabled:  # gradients averaged across ranks by DDP itself
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(self.model)
         self.train, self.val, self.cfg, self.inputs = train, val, cfg, inputs
         self.run_dir = Path(run_dir) if run_dir else None
         self.reporter = reporter or Reporter()
@@ -65,6 +72,7 @@ class Trainer:
         self.last_phase = last_phase  # an earlier phase leaves checkpoints and curves to the last one
         self.extra = extra or {}  # saved with every checkpoint: what a resume needs besides the loop state
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.loss_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.optimizer = build_optimizer([{**g, "lr": cfg.lr * g.pop("lr_scale", 1.0)} for g in param_groups], cfg)
@@ -150,9 +158,21 @@ class Trainer:
                 if len(labels) < 2:  # BatchNorm cannot train on a batch of one
                     continue
                 self.schedule.apply(self.step)
-                x = self.inputs(images, generator)
-                logits = self.model(x)
-                loss = self.loss_fn(logits, labels)
+                x = self.inputs(images, generator)  # the whole global batch: augmentation as in one process
+                if self.dist.enabled:
+                    # this rank's slice; the summed loss scaled by world / global batch makes DDP's
+                    # gradient average exactly the gradient of the mean loss over the whole batch
+                    global_batch = len(labels)
+                    part = self.dist.shard(global_batch)
+                    x, labels, idx = x[part], labels[part], idx[part]
+                    logits = self.ddp(x)
+                    summed = self.loss_sum(logits, labels)
+                    loss = summed * self.dist.world / global_batch
+                    batch_loss = summed.item()
+                else:
+                    logits = self.model(x)
+                    loss = self.loss_fn(logits, labels)
+                    batch_loss = None
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss became {loss.item()} at step {self.step} (epoch {self.epoch + 1}, batch {batch_no}); "
@@ -162,7 +182,7 @@ class Trainer:
                 self.optimizer.step()
                 self.step += 1
                 n = len(labels)
-                total_loss += loss.item() * n
+                total_loss += batch_loss if batch_loss is not None else loss.item() * n
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += n
                 rate = seen / (time.perf_counter() - t0)
@@ -173,6 +193,8 @@ class Trainer:
                     self._save(final=False)
                     self._position = None
         elapsed = time.perf_counter() - t0
+        if self.dist.enabled:  # every rank saw its slice: the epoch's figures are the sums over ranks
+            total_loss, correct, seen = self.dist.all_sum([total_loss, correct, seen])
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "epoch_s": round(elapsed, 3), "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
 
@@ -196,7 +218,7 @@ class Trainer:
         return {"val_loss": cross_entropy(labels, probs), "val_accuracy": float((probs.argmax(1) == labels).mean())}
 
     def fit(self) -> list[dict]:
-        set_threads(self.cfg.threads)
+        set_threads(self.cfg.threads, self.dist.local_world)
         while self.epoch < self.cfg.epochs:
             # one generator per epoch, seeded by (seed, epoch): shuffling and augmentation of an
             # epoch are the same whether the run was interrupted and resumed or not

@@ -26,6 +26,7 @@ from ..models.factory import FAST_NAME, create_model, uses_pretrained
 from ..models.pretrained import pretrained_preprocess
 from ..progress import Reporter
 from ..runs import new_run_dir
+from . import distributed
 from .checkpoint import load_checkpoint
 from .loop import ImageInputs, Trainer
 from .transfer import fit_transfer
@@ -48,7 +49,11 @@ def _resume_state(resume: Path):
 
 def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = None,
                  reporter: Reporter | None = None) -> dict:
+    dist = distributed.from_env()
+    distributed.init(dist, torch.device("cpu"))
     reporter = reporter or Reporter()
+    if not dist.main:
+        reporter = Reporter(quiet=True)  # one rank reports; the others train quietly
     started = time.perf_counter()
     set_max_pixels(cfg.data.max_pixels)
     preprocess, ckpt_path = None, None
@@ -80,10 +85,11 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         preprocess = pretrained_preprocess(model.backbone, cfg.data.channels, cfg.data.image_size)
     data = prepare_data(cfg.data.path, cfg.data.channels, cfg.data.image_size, cfg.data.split, cfg.train.seed,
                         manifest, preprocess, cfg.data.max_memory_gb, reporter, decode=not transfer, scanned=scanned)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data.write_manifest(run_dir / "manifest.csv")
     cfg = cfg.replace("data", image_size=data.preprocess.size)
-    cfg.save_yaml(run_dir / "config.yaml")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data.write_manifest(run_dir / "manifest.csv")
+        cfg.save_yaml(run_dir / "config.yaml")
     _report_data(data, reporter)
     if fast and not isinstance(data.train, SplitData):
         raise UserError("--recipe fast keeps the training images in memory; raise data.max_memory_gb or use smaller images")
@@ -118,7 +124,11 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
             metrics = dict(classification_metrics(labels, probs, data.classes), split=result.held_out_split)
             held = (probs, labels, result.held_out_paths)
     else:
-        history, skipped, timings = _fit_scratch(model, data, cfg, run_dir, reporter, extra, ckpt_path), data.skipped, {}
+        history = _fit_scratch(model, data, cfg, run_dir, reporter, extra, ckpt_path, dist)
+        skipped, timings = data.skipped, {}
+        if not dist.main:  # rank 0 evaluates and writes the run folder
+            distributed.shutdown(dist)
+            return {"rank": dist.rank, "epochs_run": len(history)}
         metrics, held = _evaluate_held_out(art, data)
     report = None
     if metrics:
@@ -130,6 +140,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = history[-1] if history else {}
     model_dir = artifact_io.save(art, run_dir / "model")
+    distributed.shutdown(dist)
     return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
             "epochs_run": len(history), "train_seconds": round(time.perf_counter() - started, 1),
             "timings": timings, "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
@@ -137,12 +148,13 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
 
 
 def _fit_scratch(model, data: PreparedData, cfg: RunConfig, run_dir: Path, reporter: Reporter, extra: dict,
-                 ckpt_path: Path | None) -> list[dict]:
+                 ckpt_path: Path | None, dist=None) -> list[dict]:
     if cfg.train.epochs == 0:
         raise UserError("epochs must be >= 1 when training from scratch")
     train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or SCRATCH_EPOCHS)
+    main = dist is None or dist.main
     trainer = Trainer(model, data.train, data.val, train_cfg, ImageInputs(data.preprocess, build_augment(cfg.augment)),
-                      run_dir, reporter, extra=extra)
+                      run_dir if main else None, reporter, extra=extra, dist=dist)
     if ckpt_path is not None:
         trainer.resume(ckpt_path)
     trainer.fit()
