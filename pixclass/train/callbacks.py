@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import plots
 
 HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                  "epoch_s", "images_per_s"]
+                  "epoch_s", "images_per_s", "elapsed_s"]
 
 
 class HistoryLog:
