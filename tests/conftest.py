@@ -99,3 +99,34 @@ def ants_bees_small(hymenoptera, tmp_path_factory) -> Path:
             for f in sorted((hymenoptera / split / cls).iterdir())[:n]:
                 shutil.copy(f, dest / split / cls / f.name)
     return dest
+
+
+CIFAR_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+needs_cifar = pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="CIFAR-10 archive not available")
+
+
+@pytest.fixture(scope="session")
+def cifar_train_400(tmp_path_factory) -> Path:
+    """The first 400 training JPEGs of every CIFAR-10 class (one pass over the archive)."""
+    import tarfile
+    root = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_ARCHIVE) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.split("/")[1] == "train"]
+    by_class = {}
+    for m in members:
+        by_class.setdefault(m.name.split("/")[2], []).append(m)
+    keep = [m for ms in by_class.values() for m in sorted(ms, key=lambda m: m.name)[:400]]
+    with tarfile.open(CIFAR_ARCHIVE) as tar:
+        tar.extractall(root, members=keep, filter="data")
+    return root / "cifar10" / "train"
+
+
+def subset(source: Path, dest: Path, classes=None, per_class: int = 400) -> Path:
+    """Class folders linking to the first `per_class` files of `source`'s classes."""
+    for cls in sorted(d.name for d in source.iterdir() if d.is_dir()):
+        if classes and cls not in classes:
+            continue
+        (dest / cls).mkdir(parents=True, exist_ok=True)
+        for f in sorted((source / cls).iterdir())[:per_class]:
+            (dest / cls / f.name).symlink_to(f)
+    return dest

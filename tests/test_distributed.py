@@ -4,28 +4,20 @@ process with the whole batch ends."""
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, subset
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
 
 @pytest.fixture(scope="module")
-def cifar_2000(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar2000")
-    with tarfile.open(CIFAR) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.split("/")[1] == "train"]
-        keep = []
-        for cls in sorted({m.name.split("/")[2] for m in members}):
-            keep += sorted((m for m in members if m.name.split("/")[2] == cls), key=lambda m: m.name)[:200]
-        tar.extractall(root, members=keep, filter="data")
-    return root / "cifar10"
+def cifar_2000(cifar_train_400, tmp_path_factory):
+    return subset(cifar_train_400, tmp_path_factory.mktemp("cifar2000") / "train", per_class=200).parent
 
 
 @pytest.mark.ddp

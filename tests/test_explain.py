@@ -7,25 +7,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, subset
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 OUTPUT = Path(__file__).resolve().parent / "output"  # screenshots and figures a person may look at
 
 
 @pytest.fixture(scope="module")
-def cifar_subset(tmp_path_factory):
-    """automobile vs frog, 400 training images each, from the CIFAR-10 archive."""
-    import tarfile
-    root = tmp_path_factory.mktemp("cifar")
-    wanted = {"automobile", "frog"}
-    with tarfile.open(CIFAR) as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name.split("/")[1] == "train"
-                   and m.name.split("/")[2] in wanted]
-        by_class = {c: sorted([m for m in members if m.name.split("/")[2] == c], key=lambda m: m.name)[:400]
-                    for c in wanted}
-        tar.extractall(root, members=[m for ms in by_class.values() for m in ms], filter="data")
-    return root / "cifar10" / "train"
+def cifar_subset(cifar_train_400, tmp_path_factory):
+    """automobile vs frog, 400 training images each."""
+    return subset(cifar_train_400, tmp_path_factory.mktemp("cars-frogs"), {"automobile", "frog"})
 
 
 @pytest.fixture(scope="module")

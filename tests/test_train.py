@@ -19,7 +19,7 @@ def test_run_folder_contents_and_learning(trained_run):
     run = Path(trained_run["run_dir"])
     for name in ("config.yaml", "manifest.csv", "metrics.csv", "curves.png", "checkpoints/best.pt",
                  "checkpoints/last.pt", "model/model.safetensors", "model/pixclass.json",
-                 "evaluation/metrics.json", "evaluation/confusion_matrix.png"):
+                 "evaluation/metrics.json", "evaluation/per_class.csv", "report.html", "confusion_matrix.png"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 12 and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
