@@ -2,17 +2,15 @@
 
 import io
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import threading
-import time
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from conftest import start_server
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +110,10 @@ def test_token_is_required_when_set(trained_run):
         assert c.get("/healthz").status_code == 200  # health checks stay open
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_batches_concurrent_requests_and_stops_cleanly_on_sigterm(trained_run, shapes_session):
     import httpx
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pixclass", "serve", trained_run["model_dir"], "--port", str(port),
-                             "--batch-wait-ms", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(trained_run["model_dir"], "--batch-wait-ms", "20")
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         image = (shapes_session / "circle" / "circle_001.png").read_bytes()
         results = []
 
@@ -158,19 +140,9 @@ def test_real_server_batches_concurrent_requests_and_stops_cleanly_on_sigterm(tr
 def test_upload_page_in_a_real_browser(trained_run, shapes_session):
     import httpx
     from playwright.sync_api import sync_playwright
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pixclass", "serve", trained_run["model_dir"], "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(trained_run["model_dir"])
     image = shapes_session / "square" / "square_002.png"
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         expected = httpx.post(f"{base}/v1/predict", files=[("files", (image.name, image.read_bytes(), "image/png"))]
                               ).json()["predictions"][0]["top_k"][0]["class"]
         errors = []

@@ -1,10 +1,5 @@
 """Schemathesis against the live service's OpenAPI spec: no 5xx, every response as documented."""
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -12,27 +7,12 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
                                                response_schema_conformance, status_code_conformance)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import start_server
 
 
 @pytest.fixture(scope="module")
 def live_server(trained_run):
-    import httpx
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pixclass", "serve", trained_run["model_dir"], "--port", str(port),
-                             "--max-upload-mb", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    proc, base = start_server(trained_run["model_dir"], "--max-upload-mb", "1")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
