@@ -155,6 +155,18 @@ def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam"
     return written
 
 
+def _grid(n: int, cell: float):
+    """A near-square grid of n image axes (frames off), as (Figure, flat array of axes)."""
+    from .plots import _figure
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig = _figure(figsize=(cols * cell, rows * cell + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
+    for ax in axes:
+        ax.axis("off")
+    return fig, axes
+
+
 def first_conv(model: nn.Module, name: str | None = None) -> nn.Conv2d:
     if name is not None:
         layer = find_layer(model, name)
@@ -169,7 +181,6 @@ def first_conv(model: nn.Module, name: str | None = None) -> nn.Conv2d:
 
 def filter_grid(model: nn.Module, layer: str | None = None):
     """(filters as an array F x kh x kw x 3|1 scaled to [0, 1], matplotlib Figure of the grid)."""
-    from .plots import _figure
     conv = first_conv(model, layer)
     w = conv.weight.detach().float().cpu()
     if w.shape[1] not in (1, 3):
@@ -178,21 +189,15 @@ def filter_grid(model: nn.Module, layer: str | None = None):
     hi = w.amax(dim=(1, 2, 3), keepdim=True)
     w = ((w - lo) / (hi - lo).clamp_min(1e-8)).permute(0, 2, 3, 1).numpy()
     n = len(w)
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    fig = _figure(figsize=(cols * 0.9, rows * 0.9 + 0.4))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
-    for i, ax in enumerate(axes):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(w[i].squeeze(), cmap="gray" if w.shape[3] == 1 else None, interpolation="nearest")
+    fig, axes = _grid(n, 0.9)
+    for i, ax in enumerate(axes[:n]):
+        ax.imshow(w[i].squeeze(), cmap="gray" if w.shape[3] == 1 else None, interpolation="nearest")
     fig.suptitle(f"{n} filters of the first convolution ({w.shape[1]}x{w.shape[2]})", fontsize=9)
     return w, fig
 
 
 def feature_maps(art, image, layer: str | None = None, limit: int = 64):
     """(activations C x H x W of one image at a layer, Figure of up to `limit` channels)."""
-    from .plots import _figure
     model = art.model.eval()
     target = find_layer(model, layer)
     captured = {}
@@ -206,13 +211,8 @@ def feature_maps(art, image, layer: str | None = None, limit: int = 64):
         handle.remove()
     maps = captured["out"][0].float().numpy()
     n = min(limit, len(maps))
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    fig = _figure(figsize=(cols * 1.1, rows * 1.1 + 0.4))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
-    for i, ax in enumerate(axes):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(maps[i], cmap="viridis")
+    fig, axes = _grid(n, 1.1)
+    for i, ax in enumerate(axes[:n]):
+        ax.imshow(maps[i], cmap="viridis")
     fig.suptitle(f"feature maps ({n} of {len(maps)} channels, {maps.shape[1]}x{maps.shape[2]})", fontsize=9)
     return maps, fig
