@@ -42,11 +42,19 @@ class Artifact:
 
 
 def library_versions() -> dict:
-    import timm
-    import torchvision
+    # from the installed metadata: importing timm (and with it torchvision) just to read a
+    # version costs a seed-CNN run about 1.3 s
+    from importlib.metadata import PackageNotFoundError, version
+
     from . import __version__
-    return {"pixclass": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+    return {"pixclass": __version__, "torch": torch.__version__, "torchvision": installed("torchvision"),
+            "timm": installed("timm"), "python": platform.python_version()}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -5,7 +5,9 @@ A `UserError` anywhere becomes one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -325,16 +327,17 @@ def filters(
     """The first convolutional layer's filters as a grid (and optionally one image's feature maps)."""
     from . import artifact as artifact_io
     from .explain import feature_maps, filter_grid
+    from .plots import save
     from .progress import console
 
     art = artifact_io.load(model)
     out.mkdir(parents=True, exist_ok=True)
     _, fig = filter_grid(art.model, layer)
-    fig.savefig(out / "filters.png", dpi=110)
+    save(fig, out / "filters.png", 110)
     console.print(f"wrote {out / 'filters.png'}", markup=False)
     if image is not None:
         _, fig = feature_maps(art, image, maps_layer)
-        fig.savefig(out / "feature_maps.png", dpi=110)
+        save(fig, out / "feature_maps.png", 110)
         console.print(f"wrote {out / 'feature_maps.png'}", markup=False)
 
 
@@ -475,5 +478,27 @@ def main(argv=None) -> None:
     sys.exit(result if isinstance(result, int) else 0)
 
 
+def run() -> None:
+    """The console entry point: main(), then an immediate exit once the exit handlers have run
+    and the output is flushed. Tearing down the interpreter after torch, timm and torchvision
+    are imported costs 1.3-2 s here (module and object finalization: measured 13.7 s -> 11.8 s
+    for a transfer run) and writes nothing: every file is closed by then."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,5 +1,10 @@
 """Look inside a model: class activation maps (Grad-CAM and its family, via pytorch-grad-cam),
-first-layer filters and feature maps. Works on a saved artifact; never imports training code."""
+first-layer filters and feature maps. Works on a saved artifact; never imports training code.
+
+Plain Grad-CAM, the default and the one every training report and the service's /v1/explain use,
+is computed here in a few lines of PyTorch: importing pytorch-grad-cam pulls in scikit-learn, SciPy,
+OpenCV and torchvision's transforms, about 1 s per process, which would be a tenth of a whole
+transfer-learning run. tests/test_explain.py checks that both give the same maps."""
 
 from __future__ import annotations
 
@@ -55,22 +60,62 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
         raise UserError(f"no layer {name!r} in the model (some names: {', '.join(names)} ...)") from None
 
 
+class GradCAM:
+    """Grad-CAM (Selvaraju et al. 2017) as pytorch-grad-cam computes it: the target layer's
+    activations weighted by the spatial mean of the class score's gradient, summed over channels,
+    ReLU, scaled to [0, 1] per image, resized (bilinear) to the input and scaled again."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module):
+        self.model, self._activations = model, None
+        self._hook = layer.register_forward_hook(lambda module, inputs, output: setattr(self, "_activations", output))
+
+    def release(self) -> None:
+        self._hook.remove()
+
+    def __call__(self, x: torch.Tensor, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image batch -> (heatmaps N x H x W in [0, 1], probabilities N x K)."""
+        with torch.enable_grad():
+            logits = self.model(x).float()
+            activations, self._activations = self._activations, None
+            targets = logits.argmax(1) if class_index is None else torch.full((len(x),), class_index)
+            score = logits.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activations)
+        with torch.no_grad():
+            cam = torch.relu((grads.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True).float())
+            cam = torch.nn.functional.interpolate(_unit_scale(cam), size=x.shape[2:], mode="bilinear",
+                                                  align_corners=False)
+            return _unit_scale(cam)[:, 0].numpy(), torch.softmax(logits.detach(), 1).numpy()
+
+
+def _unit_scale(cam: torch.Tensor) -> torch.Tensor:
+    cam = cam - cam.amin((2, 3), keepdim=True)
+    return cam / (1e-7 + cam.amax((2, 3), keepdim=True))
+
+
 class Explainer:
     """Heatmaps for one model, one CAM object reused for every image (hooks registered once, so
     memory stays flat over thousands of images)."""
 
     def __init__(self, art, method: str = "gradcam", layer: str | None = None):
         self.art, self.method = art, method
+        if method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
         self.model = art.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(True)  # gradients flow to the activations; weights never change here
         self.layer = find_layer(self.model, layer)
-        self.cam = _cam_class(method)(model=self.model, target_layers=[self.layer])
-        if hasattr(self.cam, "batch_size"):
-            self.cam.batch_size = 32  # ScoreCAM's masked forward passes
+        if method == "gradcam":
+            self.cam = GradCAM(self.model, self.layer)
+        else:
+            self.cam = _cam_class(method)(model=self.model, target_layers=[self.layer])
+            if hasattr(self.cam, "batch_size"):
+                self.cam.batch_size = 32  # ScoreCAM's masked forward passes
 
     def close(self) -> None:
-        self.cam.activations_and_grads.release()
+        if isinstance(self.cam, GradCAM):
+            self.cam.release()
+        else:
+            self.cam.activations_and_grads.release()
 
     def __enter__(self):
         return self
@@ -81,11 +126,14 @@ class Explainer:
     def heatmaps(self, images: list, class_index: int | None = None):
         """PIL images (or paths/bytes) -> (heatmaps N x H x W in [0, 1], probabilities N x K,
         uint8 inputs N x C x H x W as the model saw them)."""
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         pre = self.art.preprocess
         batch = torch.stack([image_to_uint8(img if hasattr(img, "mode") else decode_image(img, pre.channels), pre)
                              for img in images])
         x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
+        if isinstance(self.cam, GradCAM):
+            maps, probs = self.cam(x, class_index)
+            return maps, probs, batch
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         with torch.no_grad():
             probs = torch.softmax(self.model(x).float(), 1).numpy()
         targets = [ClassifierOutputTarget(class_index if class_index is not None else int(p.argmax())) for p in probs]
@@ -126,6 +174,7 @@ def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam"
                   class_name: str | None = None, k: int = 3, batch_size: int = 16, reporter=None) -> list[Path]:
     """One PNG per image: original | overlay, with the top-k classes and probabilities."""
     from .errors import ImageDecodeError
+    from .plots import save
     class_index = None
     if class_name is not None:
         if class_name not in art.classes:
@@ -150,7 +199,7 @@ def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam"
             for p, m, pr, img in zip(chunk, maps, probs, batch):
                 fig = explanation_figure(img, m, pr, art.classes, Path(p).name, k, method)
                 target = out_dir / f"{Path(p).stem}_{method.replace('+', 'p')}.png"
-                fig.savefig(target, dpi=90)
+                save(fig, target, 90)
                 written.append(target)
     return written
 

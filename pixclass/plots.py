@@ -17,6 +17,13 @@ def _figure(**kwargs):
     return fig
 
 
+def save(fig, path: Path, dpi: int = 100) -> Path:
+    """PNG at zlib level 1: several times faster to write than the default level 6, for files
+    about a third larger."""
+    fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
+    return path
+
+
 def training_curves(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, train vs val, with fine-tuning phases shaded if present."""
     epochs = [h["epoch"] for h in history]
@@ -31,8 +38,7 @@ def training_curves(history: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save(fig, path, 100)
 
 
 def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = False) -> Path:
@@ -56,8 +62,7 @@ def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = F
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if m[i, j] > top / 2 else "black")
     ax.set_title("confusion matrix" + (" (normalized by row)" if normalize else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save(fig, path, 100)
 
 
 def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
@@ -75,21 +80,30 @@ def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
     ax.set_title(f"reliability (ECE {ece:.3f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save(fig, path, 100)
 
 
 def image_gallery(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 4) -> Path:
-    """A grid of RGB images (H x W x 3 in [0, 1]) with captions."""
-    n = len(items)
-    rows = max(1, int(np.ceil(n / cols)))
-    fig = _figure(figsize=(cols * 2.6, rows * 2.9))
-    axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
-    for ax, item in zip(axes, items + [None] * (len(axes) - n)):
-        ax.axis("off")
-        if item is not None:
-            ax.imshow(item[0])
-            ax.set_title(item[1], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    """A grid of RGB images (H x W x 3 in [0, 1]) with captions, composed with Pillow: a tenth of
+    the time of a matplotlib grid, which cost a whole transfer-learning run's report ~0.5 s."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=12)
+    tile = max(160, max((img.shape[0] for img, _ in items), default=0))
+    line_h, pad = 15, 8
+    lines = max((len(caption.splitlines()) for _, caption in items), default=1)
+    cell_w, cell_h = tile + 2 * pad, tile + pad + lines * line_h + pad
+    rows = max(1, -(-len(items) // cols))
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (img, caption) in enumerate(items):
+        x, y = (k % cols) * cell_w + pad, (k // cols) * cell_h + pad
+        picture = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+        if picture.size != (tile, tile):  # small images (CIFAR's 32 px) enlarged with visible pixels
+            picture = picture.resize((tile, tile), Image.Resampling.NEAREST)
+        sheet.paste(picture, (x, y))
+        for i, text in enumerate(caption.splitlines()):
+            while len(text) > 1 and draw.textlength(text, font=font) > tile:  # long file names: cut short
+                text = text[:-2] + "…"
+            draw.text((x, y + tile + 3 + i * line_h), text, fill="black", font=font)
+    sheet.save(path, compress_level=1)
     return path

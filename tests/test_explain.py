@@ -73,6 +73,37 @@ def test_filters_api_shapes(trained_run):
     assert filters.shape == (32, 3, 3, 3) and filters.min() >= 0 and filters.max() <= 1 and fig is not None
 
 
+def test_own_gradcam_equals_pytorch_grad_cam(trained_run, shapes_session):
+    """pixclass computes plain Grad-CAM itself (to spare the library's ~1 s import); the maps must
+    be the library's, for the seed CNN and for a pretrained EfficientNet-Lite0."""
+    import numpy as np
+    import torch
+    from pytorch_grad_cam import GradCAM as LibraryGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from pixclass import load
+    from pixclass.explain import GradCAM, default_target_layer
+    from pixclass.models.factory import create_model
+
+    seed = load(trained_run["model_dir"])._artifact().model.eval()
+    lite0, _ = create_model("efficientnet_lite0", 3)
+    torch.manual_seed(0)
+    for model, size in ((seed, 32), (lite0.eval(), 224)):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        layer = default_target_layer(model)
+        x = torch.randn(3, 3, size, size)
+        ours = GradCAM(model, layer)
+        maps, probs = ours(x)
+        class_one, _ = ours(x, class_index=1)
+        ours.release()
+        with LibraryGradCAM(model=model, target_layers=[layer]) as library:
+            expected = library(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in probs.argmax(1)])
+            expected_one = library(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 3)
+        assert maps.shape == expected.shape == (3, size, size) and maps.std() > 0.05
+        assert np.abs(maps - expected).max() < 1e-3 and np.abs(class_one - expected_one).max() < 1e-3
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -148,3 +148,45 @@ def test_cut_model_reproduces_the_full_forward():
     with torch.no_grad():
         assert torch.allclose(model.forward_from(cut, model.features_until(cut, x)), model(x), atol=1e-5)
     assert np.isclose(cut, len(model.units) - 2)
+
+
+def test_preprocessing_known_before_timm_matches_timm():
+    """Runs start decoding before timm is imported, from pixclass's copy of timm's data config."""
+    import timm
+
+    from pixclass.models.pretrained import OFFLINE_DATA_CONFIG, known_preprocess, pretrained_preprocess, timm_name
+    for name in OFFLINE_DATA_CONFIG:
+        backbone = timm.create_model(timm_name(name), pretrained=False, num_classes=0)
+        for channels, size in ((3, None), (1, None), (3, 160)):
+            assert known_preprocess(name, channels, size) == pretrained_preprocess(backbone, channels, size), name
+    assert known_preprocess("resnet18") is None
+
+
+def test_features_from_images_decoded_ahead_equal_decoding_on_demand(ants_bees_small, tmp_path, monkeypatch):
+    """Decoding ahead covers every file of the run while only some miss the cache; unreadable
+    files are reported the same either way."""
+    from pixclass.data.loaders import DecodeAhead
+    from pixclass.models.factory import create_model
+    from pixclass.models.pretrained import pretrained_preprocess
+    from pixclass.models.transfer import default_cut
+    from pixclass.progress import Reporter
+    from pixclass.train.features import extract_features
+
+    files = sorted(ants_bees_small.rglob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(files[0].read_bytes()[:300])
+    model, _ = create_model("efficientnet_lite0", 2)
+    model.eval()
+    pre = pretrained_preprocess(model.backbone)
+    cut = default_cut(model)
+    wanted = {"train": (files[:40] + [broken], [0] * 41, 0), "val": (files[50:60], [1] * 10, 0)}
+    results = []
+    for ahead in (False, True):
+        monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / f"cache-{ahead}"))
+        decoding = DecodeAhead(files + [broken], pre, workers=1) if ahead else None
+        results.append(extract_features(model, cut, wanted, pre, None, 0, Reporter(quiet=True), decoding=decoding))
+    (on_demand, failed_a), (decoded_ahead, failed_b) = results
+    assert [p for p, _ in failed_a] == [p for p, _ in failed_b] == [broken]
+    for split in ("train", "val"):
+        assert on_demand[split].paths == decoded_ahead[split].paths and len(on_demand[split]) == len(wanted[split][0]) - (split == "train")
+        assert torch.equal(on_demand[split].images, decoded_ahead[split].images)

@@ -45,6 +45,40 @@ def _keep_all(batch):
     return batch
 
 
+class DecodeAhead:
+    """Batches of DecodedImages items [(index, image or None, reason)], decoded by worker
+    processes that start the moment this is made and run up to `max_bytes` of images ahead of the
+    consumer, so decoding overlaps with whatever the main process does meanwhile (importing timm
+    and building a pretrained model take ~1.5 s of one core while the other would idle).
+    Fewer than 64 files are decoded in the consumer's process instead: not worth the workers."""
+
+    def __init__(self, paths: list[Path], pre: Preprocess, batch_size: int = 32, max_bytes: int = 1 << 29,
+                 workers: int | None = None):
+        self.paths, self.pre, self.batch_size = list(paths), pre, batch_size
+        self._batches = None
+        workers = (default_workers() if workers is None else workers) if len(self.paths) >= 64 else 0
+        if workers:
+            per_batch = batch_size * pre.channels * pre.size * pre.size
+            n_batches = -(-len(self.paths) // batch_size)
+            ahead = max(2, min(n_batches, max_bytes // per_batch) // workers + 1)
+            # its own generator: creating workers must not draw from (and so shift) the global RNG
+            loader = DataLoader(DecodedImages(self.paths, pre), batch_size=batch_size, num_workers=workers,
+                                collate_fn=_keep_all, prefetch_factor=ahead, generator=torch.Generator())
+            self._batches = iter(loader)
+
+    def __iter__(self):
+        if self._batches is not None:
+            yield from self._batches
+            return
+        dataset = DecodedImages(self.paths, self.pre)
+        for start in range(0, len(dataset), self.batch_size):
+            yield [dataset[i] for i in range(start, min(start + self.batch_size, len(dataset)))]
+
+    def close(self) -> None:
+        """Stop the workers (they may still be decoding files nobody needs any more)."""
+        self._batches = None
+
+
 def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str = "decoding"):
     """Decode every file once. Returns (uint8 N x C x H x W of the good files, their indices,
     [(path, reason)] of the bad ones)."""

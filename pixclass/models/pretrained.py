@@ -155,13 +155,33 @@ def load_backbone(backbone: nn.Module, name: str, in_channels: int = 3) -> None:
     backbone.load_state_dict(state)
 
 
+# timm's pretrained data config of tf_efficientnet_lite{0,1,2}: (input size, crop_pct), bicubic,
+# mean = std = 0.5. Known here without importing timm, so a run can start decoding its images
+# while timm is still importing (~1.3 s of one core); tests/test_transfer.py checks them against
+# timm's own config.
+OFFLINE_DATA_CONFIG = {
+    name: {"input_size": (3, size, size), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+           "crop_pct": crop_pct}
+    for name, (size, crop_pct) in {"efficientnet_lite0": (224, 0.875), "efficientnet_lite1": (240, 0.882),
+                                   "efficientnet_lite2": (260, 0.89)}.items()
+}
+
+
 def pretrained_preprocess(backbone: nn.Module, channels: int = 3, size: int | None = None):
     """The preprocessing the pretrained weights expect (timm's data config): size, resize of the
     short side then centre crop (crop_pct), interpolation, mean/std."""
     import timm
+    return _preprocess_from(timm.data.resolve_data_config({}, model=backbone), channels, size)
 
+
+def known_preprocess(name: str, channels: int = 3, size: int | None = None):
+    """pretrained_preprocess of a model with packaged weights, before the model exists (None for
+    other models)."""
+    return _preprocess_from(OFFLINE_DATA_CONFIG[name], channels, size) if name in OFFLINE_DATA_CONFIG else None
+
+
+def _preprocess_from(cfg: dict, channels: int, size: int | None):
     from ..data.transforms import Preprocess
-    cfg = timm.data.resolve_data_config({}, model=backbone)
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if channels == 1:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)

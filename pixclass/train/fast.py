@@ -24,6 +24,7 @@ from ..metrics import cross_entropy
 from ..progress import Reporter
 from .callbacks import HistoryLog
 from .checkpoint import save_checkpoint
+from .precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,6 @@ class FastHyper:
     whiten_bias_epochs: int = 3
     translate: int = 2
     lookahead_every: int = 5
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> torch.dtype | None:
-    """bfloat16 autocast only where the CPU computes it natively; elsewhere it is ~13x slower."""
-    if precision == "bf16" or (precision == "auto" and cpu_has_bf16()):
-        return torch.bfloat16
-    return None
 
 
 def _standardize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -21,9 +21,9 @@ from ..errors import UserError
 from ..evaluate import evaluate_split, write_evaluation
 from ..report import write_report
 from ..metrics import classification_metrics
-from ..data.loaders import SplitData
+from ..data.loaders import DecodeAhead, SplitData, default_workers
 from ..models.factory import FAST_NAME, create_model, uses_pretrained
-from ..models.pretrained import pretrained_preprocess
+from ..models.pretrained import known_preprocess, pretrained_preprocess
 from ..progress import Reporter
 from ..runs import new_run_dir
 from . import distributed
@@ -79,7 +79,13 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         raise UserError("--resume is for from-scratch runs; a pretrained run restarts in seconds from its feature cache")
     model = arch = None
     torch.manual_seed(cfg.train.seed)
+    decoding = None
     if transfer:  # the model comes first: its pretrained config decides the preprocessing
+        early = known_preprocess(cfg.model.name, cfg.data.channels, cfg.data.image_size)
+        if early is not None:  # decode while timm imports and the model is built, on the cores that
+            # import leaves idle (one worker fewer than cores measured ~0.4 s faster than as many)
+            decoding = DecodeAhead(sorted({s.path for s in scanned.samples}), early,
+                                   workers=max(1, default_workers() - 1))
         model, arch = create_model(cfg.model.name, len(scanned.classes), cfg.data.channels, cfg.data.image_size or 224,
                                    cfg.model, reporter)
         preprocess = pretrained_preprocess(model.backbone, cfg.data.channels, cfg.data.image_size)
@@ -115,7 +121,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
                            tta=True, accuracy_without_tta=result["accuracy_without_tta"])
             held = (probs, labels, getattr(data, result["held_out_split"]).paths)
     elif transfer:
-        result = fit_transfer(model, data, cfg, run_dir, reporter, extra)
+        result = fit_transfer(model, data, cfg, run_dir, reporter, extra, decoding)
         history, skipped, timings = result.history, result.skipped, result.timings
         report_skipped(skipped, reporter)
         metrics, held = {}, None

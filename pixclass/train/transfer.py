@@ -90,7 +90,9 @@ def _probabilities(module: nn.Module, split: SplitData) -> np.ndarray:
     return torch.cat([torch.softmax(module(x[:, 0]), 1) for x, _, _ in split.batches(256)]).numpy()
 
 
-def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: Reporter, extra: dict) -> TransferResult:
+def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: Reporter, extra: dict,
+                 decoding=None) -> TransferResult:
+    """`decoding`: a DecodeAhead already decoding the run's files (see extract_features)."""
     import time
     tc, pre = cfg.train, data.preprocess
     augment = build_augment(cfg.augment)
@@ -101,7 +103,7 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
     model.eval()
     parts = {name: (part.paths, part.labels, tc.feature_views if name == "train" else 0)
              for name in ("train", "val", "test") if (part := getattr(data, name)) is not None and len(part)}
-    extracted, skipped = extract_features(model, frozen_cut, parts, pre, augment, tc.seed, reporter)
+    extracted, skipped = extract_features(model, frozen_cut, parts, pre, augment, tc.seed, reporter, decoding=decoding)
     splits = {name: extracted.get(name) for name in ("train", "val", "test")}
     timings["features_s"] = round(time.perf_counter() - t0, 2)
     if splits["train"] is None or len(splits["train"]) == 0:
