@@ -69,7 +69,7 @@ def main() -> None:
     rows = {}
 
     out_dir = work / "run-scratch"
-    seconds, out = timed(pixclass_cmd("train", data, "--image-size", "32", "--augment", "standard", "--epochs",
+    seconds, out = timed(pixclass_cmd("train", data, "--model", "seed-cnn", "--image-size", "32", "--augment", "standard", "--epochs",
                                       args.epochs, "--batch-size", args.batch_size, "--split", "1,0,0",
                                       "--out", out_dir, "--json", "--quiet"),
                          env={"PIXCLASS_CACHE_DIR": str(work / "cache")})

@@ -60,11 +60,13 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
 @app.command()
 def train(
     data: Optional[Path] = typer.Argument(None, help="Class folders, or a folder with train/ [val/] [test/]."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="seed-cnn or any timm architecture name."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="efficientnet_lite0 (default: ImageNet-pretrained, "
+                                        "offline, fine-tuned), efficientnet_lite1/2, seed-cnn (the guide's CNN from "
+                                        "scratch) or any timm architecture name."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: from the data)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: the pretrained model's, else from the data)."),
     channels: Optional[int] = typer.Option(None, "--channels", help="3 (RGB) or 1 (grayscale)."),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | standard"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | sgd"),

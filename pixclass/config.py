@@ -81,9 +81,14 @@ class DataConfig:
         _check(self.max_memory_gb > 0, "max_memory_gb must be > 0")
 
 
+DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains: pretrained offline, fine-tuned
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "seed-cnn"
+    # "auto": DEFAULT_MODEL, or the fast recipe's own network with recipe "fast"; "seed-cnn": the
+    # guide's CNN from scratch; or any timm architecture name
+    name: str = "auto"
     # seed-cnn only (the guide's network); ignored by timm models
     filters: tuple[int, ...] = (32, 64, 128)
     kernel_size: int = 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+from .config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .progress import Reporter, console
 
 
@@ -20,7 +20,7 @@ def run_demo(out: Path, epochs: int = 15, quiet: bool = False) -> dict:
     reporter.info(f"wrote scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) to {data_dir}")
     # Digits must not be mirrored or turned far, so the demo trains without augmentation; the
     # 8x8 images are enlarged to 32x32, the smallest size the guide's three conv blocks accept.
-    cfg = RunConfig(data=DataConfig(path=str(data_dir), image_size=32, channels=1),
+    cfg = RunConfig(data=DataConfig(path=str(data_dir), image_size=32, channels=1), model=ModelConfig(name="seed-cnn"),
                     augment=AugmentConfig(policy="none"), train=TrainConfig(epochs=epochs, batch_size=32, seed=0))
     if out.exists():
         import shutil

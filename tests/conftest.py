@@ -51,11 +51,12 @@ def shapes_session(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(shapes_session, tmp_path_factory) -> dict:
     """One small seed-CNN run shared by the tests that need a trained model."""
-    from pixclass.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+    from pixclass.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
     from pixclass.progress import Reporter
     from pixclass.train.run import run_training
 
-    cfg = RunConfig(data=DataConfig(path=str(shapes_session), image_size=32), augment=AugmentConfig(policy="none"),
+    cfg = RunConfig(data=DataConfig(path=str(shapes_session), image_size=32), model=ModelConfig(name="seed-cnn"),
+                    augment=AugmentConfig(policy="none"),
                     train=TrainConfig(epochs=12, batch_size=16, seed=0))
     return run_training(cfg, out=tmp_path_factory.mktemp("runs") / "shapes", reporter=Reporter(quiet=True))
 

@@ -22,7 +22,7 @@ def cifar_subset(cifar_train_400, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar_model(cifar_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    proc = run_cli("train", cifar_subset, "--image-size", "48", "--epochs", "8", "--augment", "none", "--out", out,
+    proc = run_cli("train", cifar_subset, "--model", "seed-cnn", "--image-size", "48", "--epochs", "8", "--augment", "none", "--out", out,
                    "-q", "--json")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)

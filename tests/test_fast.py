@@ -44,7 +44,7 @@ def test_fast_recipe_rejects_another_model(tmp_path):
 def test_decoded_images_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))  # empty: nothing decoded before
     data = make_shapes(tmp_path / "shapes", per_class=10)
-    args = ["--epochs", "1", "--image-size", "32", "--augment", "none"]
+    args = ["--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--augment", "none"]
     first = run_cli("train", data, *args, "--out", tmp_path / "a")
     assert first.returncode == 0 and "from the cache" not in first.stderr
     second = run_cli("train", data, *args, "--out", tmp_path / "b")

@@ -40,7 +40,7 @@ def _kill_soon(proc: subprocess.Popen, ckpt: Path, rng: random.Random) -> bool:
 def test_kill_nine_ten_times_then_resume_is_bitwise_identical(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=40)
     config = tmp_path / "config.yaml"
-    config.write_text(f"data:\n  path: {data}\n  image_size: 32\naugment:\n  policy: standard\n"
+    config.write_text(f"data:\n  path: {data}\n  image_size: 32\nmodel:\n  name: seed-cnn\naugment:\n  policy: standard\n"
                       "train:\n  epochs: 24\n  batch_size: 8\n  checkpoint_interval: 0\n  seed: 3\n")
     clean = run_cli("train", "--config", config, "--out", tmp_path / "clean", "-q")
     assert clean.returncode == 0, clean.stderr

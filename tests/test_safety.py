@@ -69,7 +69,7 @@ def test_pickle_payloads_are_refused_everywhere(tmp_path, shapes):
         assert proc.returncode == 2 and "cannot read weights" in proc.stderr, proc.stderr
         run = tmp_path / f"r-{kind}"
         (run / "checkpoints").mkdir(parents=True)
-        (run / "config.yaml").write_text(f"data:\n  path: {shapes}\n")
+        (run / "config.yaml").write_text(f"data:\n  path: {shapes}\nmodel:\n  name: seed-cnn\n")
         (run / "checkpoints" / "last.pt").write_bytes(path.read_bytes())
         proc = run_cli("train", "--resume", run, "-q")
         assert proc.returncode == 2 and "cannot load checkpoint" in proc.stderr, proc.stderr

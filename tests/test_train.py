@@ -3,14 +3,15 @@ import csv
 import pytest
 import torch
 
-from pixclass.config import AugmentConfig, DataConfig, RunConfig, TrainConfig
+from pixclass.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from pixclass.progress import Reporter
 from pixclass.train.optim import LRSchedule
 from pixclass.train.run import run_training
 
 
 def _cfg(path, **train):
-    return RunConfig(data=DataConfig(path=str(path), image_size=32), augment=AugmentConfig(policy="standard"),
+    return RunConfig(data=DataConfig(path=str(path), image_size=32), model=ModelConfig(name="seed-cnn"),
+                     augment=AugmentConfig(policy="standard"),
                      train=TrainConfig(**{"epochs": 3, "batch_size": 16, **train}))
 
 
@@ -75,7 +76,7 @@ def test_schedules_shape(schedule):
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
     from conftest import run_cli
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {shapes}\n  image_size: 32\ntrain:\n  epochs: 3\n  batch_size: 8\n"
+    config.write_text(f"data:\n  path: {shapes}\n  image_size: 32\nmodel:\n  name: seed-cnn\ntrain:\n  epochs: 3\n  batch_size: 8\n"
                       "  lr: 1.0e+12\n  checkpoint_interval: 0\n")
     proc = run_cli("train", "--config", config, "--out", tmp_path / "r", "-q")
     assert proc.returncode == 2, proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import artifact as artifact_io
-from ..config import RunConfig
+from ..config import DEFAULT_MODEL, RunConfig
 from ..data.dataset import PreparedData, report_skipped, prepare_data
 from ..data.audit import quick_audit
 from ..data.decode import set_max_pixels
@@ -68,6 +68,8 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     if findings:
         reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
     fast = cfg.train.recipe == "fast"
+    if cfg.model.name == "auto":
+        cfg = cfg.replace("model", name=FAST_NAME if fast else DEFAULT_MODEL)
     if fast:
         if cfg.model.name not in ("seed-cnn", FAST_NAME):
             raise UserError(f"--recipe fast trains its own network ({FAST_NAME}); drop --model {cfg.model.name}")
