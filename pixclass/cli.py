@@ -346,7 +346,7 @@ def filters(
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="A saved model folder."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | webapp"),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx | tflite | coreml | webapp"),
     int8: bool = typer.Option(False, "--int8", help="Static int8 quantization, calibrated on training images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: inside the model folder)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Labelled images to verify on (default: the run's test split)."),
@@ -363,7 +363,7 @@ def export(
 
     result = run_export(model, fmt, int8, out, data, threshold, Reporter(as_json))
     if as_json:
-        _print_json(asdict(result))
+        _print_json({**asdict(result), "passed": result.passed})
     else:
         table = Table(title="export verification")
         table.add_column("")

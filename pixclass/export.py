@@ -1,7 +1,8 @@
 """Export a saved model for deployment and check that the export answers like the original.
 
 Formats: ONNX (opset 17, dynamic batch, softmax output, class names and preprocessing in the
-file's metadata), static int8 ONNX (onnxruntime quantization, calibrated on training images).
+file's metadata), static int8 ONNX (onnxruntime quantization, calibrated on training images),
+TFLite fp32/int8 and Core ML (export_mobile.py), and a phone web app around the ONNX file.
 Every export is re-scored on held-out images against the PyTorch artifact: top-1 agreement, max
 probability difference, accuracy of both, file size and batch-1 latency. Below the agreement
 threshold the file is kept with an `.unverified` suffix and the export fails."""
@@ -258,37 +259,66 @@ def build_webapp(art, folder: Path) -> Path:
     return folder
 
 
+FORMATS = ("onnx", "tflite", "coreml", "webapp")
+SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
+
+
 def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | None = None, data: Path | None = None,
-           threshold: float | None = None, reporter=None) -> Verification:
+           threshold: float | None = None, reporter=None):
+    """Write the export and check it: a Verification (scored on held-out images), or for Core ML,
+    which cannot run here, a SpecCheck of its declared interface."""
     model_dir = Path(model_dir)
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if fmt in ("webapp", "coreml") and int8:
+        raise UserError(f"{'the web app ships' if fmt == 'webapp' else 'Core ML export writes'} the float model; drop --int8")
     art = artifact_io.load(model_dir)
-    if fmt not in ("onnx", "webapp"):
-        raise UserError(f"--format must be onnx or webapp (got {fmt!r}; tflite and coreml are not available yet)")
-    if fmt == "webapp" and int8:
-        raise UserError("the web app ships the float model; drop --int8")
     kind = "int8" if int8 else "fp32"
     if fmt == "webapp":
         folder = Path(out) if out else model_dir.parent / "webapp"
         build_webapp(art, folder)
         out = folder / "model.onnx"
-    out = Path(out) if out else model_dir / ("model.int8.onnx" if int8 else "model.onnx")
+    out = Path(out) if out else model_dir / f"model{'.int8' if int8 else ''}{SUFFIXES[fmt]}"
+    if fmt == "coreml":
+        from .export_mobile import check_coreml, export_coreml
+        if reporter:
+            reporter.info("converting to Core ML (an ML Program)")
+        result = check_coreml(art, export_coreml(art, out))
+        if not result.passed:
+            result.path = str(_set_aside(out))
+        return result
     paths, labels, what = held_out_set(art, model_dir, data)
     inputs, kept = _inputs(paths, art.preprocess)
     labels = np.asarray([labels[i] for i in kept])
     if reporter:
         reporter.info(f"verifying on {len(labels)} images from {what}")
-    if int8:
-        fp32 = export_onnx(art, out.with_name(out.stem + ".fp32-tmp.onnx"))
-        calib, _ = _inputs(calibration_set(art, model_dir, data), art.preprocess)
-        quantize_int8(fp32, out, calib)
-        fp32.unlink()
-    elif fmt == "onnx":
-        export_onnx(art, out)
-    onnx_model = OnnxModel(out)
-    result = verify(art, onnx_model.probabilities_from_input, out, "webapp (onnx fp32)" if fmt == "webapp" else f"onnx {kind}", inputs, labels,
-                    threshold if threshold is not None else THRESHOLDS[kind])
+    calib = _inputs(calibration_set(art, model_dir, data), art.preprocess)[0] if int8 else None
+    if fmt == "tflite":
+        from .export_mobile import TfliteModel, export_tflite
+        if reporter:
+            reporter.info("converting to TFLite with litert-torch" + (" and quantizing to int8" if int8 else ""))
+        export_tflite(art, out, calib)
+        run_export = TfliteModel(out).probabilities_from_input
+    else:
+        if int8:
+            fp32 = export_onnx(art, out.with_name(out.stem + ".fp32-tmp.onnx"))
+            quantize_int8(fp32, out, calib)
+            fp32.unlink()
+        elif fmt == "onnx":
+            export_onnx(art, out)
+        run_export = OnnxModel(out).probabilities_from_input
+    name = "webapp (onnx fp32)" if fmt == "webapp" else f"{fmt} {kind}"
+    result = verify(art, run_export, out, name, inputs, labels, threshold if threshold is not None else THRESHOLDS[kind])
     if not result.passed:
-        unverified = out.with_name(out.name + ".unverified")
-        out.replace(unverified)
-        result.path = str(unverified)
+        result.path = str(_set_aside(out))
     return result
+
+
+def _set_aside(out: Path) -> Path:
+    """An export that failed its check keeps its file, renamed so nobody ships it by mistake."""
+    unverified = out.with_name(out.name + ".unverified")
+    if unverified.exists():
+        import shutil
+        shutil.rmtree(unverified) if unverified.is_dir() else unverified.unlink()
+    out.replace(unverified)
+    return unverified

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import onnx
 
-from conftest import run_cli
+from conftest import needs_hymenoptera, run_cli
 
 
 def test_onnx_export_agrees_and_carries_its_metadata(trained_run, shapes_session, tmp_path):
@@ -51,3 +51,56 @@ def test_export_without_data_is_a_clear_error(trained_run, tmp_path):
     (model / "pixclass.json").write_text(json.dumps(meta))
     proc = run_cli("export", model)
     assert proc.returncode == 2 and "--data DIR" in proc.stderr
+
+
+def _tflite_verification(model_dir, out, *extra):
+    proc = run_cli("export", model_dir, "--format", "tflite", "--out", out, "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # parses only if the converters' chatter stayed off stdout
+
+
+def test_tflite_fp32_and_int8_agree_in_the_litert_interpreter(trained_run, tmp_path):
+    v = _tflite_verification(trained_run["model_dir"], tmp_path / "m.tflite")
+    assert v["format"] == "tflite fp32" and v["passed"] and v["agreement"] >= 0.99 and v["max_prob_diff"] < 1e-4
+    side = json.loads((tmp_path / "m.tflite.json").read_text())
+    assert side["classes"] == ["circle", "square", "triangle"] and side["preprocess"]["size"] == 32
+    from ai_edge_litert.interpreter import Interpreter
+    details = Interpreter(model_path=str(tmp_path / "m.tflite")).get_input_details()[0]
+    assert list(details["shape"]) == [1, 32, 32, 3]  # NHWC, as Android expects
+    q = _tflite_verification(trained_run["model_dir"], tmp_path / "q.tflite", "--int8")
+    assert q["format"] == "tflite int8" and q["agreement"] >= 0.97 and q["size_mb"] < v["size_mb"] / 2
+
+
+@needs_hymenoptera
+def test_tflite_of_a_fine_tuned_efficientnet_lite0(ants_bees_small, tmp_path):
+    proc = run_cli("train", ants_bees_small, "--head-epochs", "3", "--epochs", "1", "--out", tmp_path / "r", "-q")
+    assert proc.returncode == 0, proc.stderr
+    v = _tflite_verification(tmp_path / "r" / "model", tmp_path / "lite0.tflite")
+    assert v["passed"] and v["agreement"] >= 0.99 and v["max_prob_diff"] < 1e-4 and v["n"] == 24
+
+
+def test_coreml_export_declares_image_input_outputs_and_labels(trained_run, tmp_path):
+    proc = run_cli("export", trained_run["model_dir"], "--format", "coreml", "--out", tmp_path / "m.mlpackage", "--json")
+    assert proc.returncode == 0, proc.stderr
+    v = json.loads(proc.stdout)
+    assert v["passed"] and [c[0] for c in v["checks"]] == ["loads as a spec", "input", "outputs", "class labels"]
+    assert (tmp_path / "m.mlpackage" / "Manifest.json").is_file()
+    # the check can fail: the same file against a model whose classes differ
+    from pixclass import artifact
+    from pixclass.export_mobile import check_coreml
+    art = artifact.load(trained_run["model_dir"])
+    art.classes = ["circle", "square", "star"]
+    failed = check_coreml(art, tmp_path / "m.mlpackage")
+    assert not failed.passed and [c[0] for c in failed.checks if not c[1]] == ["class labels"]
+
+
+def test_missing_converter_is_a_clear_error(monkeypatch):
+    import sys
+
+    import pytest
+
+    from pixclass.errors import UserError
+    from pixclass.export_mobile import _need
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if the extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'pixclass\[tflite\]'"):
+        _need("litert_torch", "tflite")
