@@ -42,15 +42,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
+            # one short sleep lets the requests arriving together join, then whatever is queued
+            # goes in (a timed wait per queued item measured far costlier under load)
+            if self.queue.qsize() < self.max_batch - 1 and self.max_wait_s > 0:
+                await asyncio.sleep(self.max_wait_s)
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
             stacked = torch.stack([image for image, _ in batch])
             start = time.perf_counter()
             try:
