@@ -92,7 +92,8 @@ def train(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fast recipe: auto | fp32 | bf16"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
@@ -114,7 +115,7 @@ def train(
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
                         freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels, recipe=recipe,
-                        precision=precision)
+                        precision=precision, device=device)
     reporter = Reporter(quiet)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports

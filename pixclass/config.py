@@ -130,7 +130,10 @@ class TrainConfig:
     threads: int | None = None
     checkpoint_interval: float = 10.0  # seconds between checkpoints (also mid-epoch); 0: after every step
     recipe: str = "standard"  # "fast": airbench-style from-scratch training for small images
-    precision: str = "auto"  # fast recipe: "auto" (bf16 where the CPU has AVX-512 BF16), "fp32", "bf16"
+    # "auto": mixed precision on GPUs (bf16 where supported, else fp16 with loss scaling); on a CPU
+    # float32, except the fast recipe's bf16 where the CPU has AVX-512 BF16. Or "fp32", "bf16", "fp16"
+    precision: str = "auto"
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
     # transfer learning (pretrained backbones)
     freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
     head_epochs: int = 10  # epochs of the frozen-backbone phase (on cached features: milliseconds each)
@@ -160,7 +163,10 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         _check_choice("recipe", self.recipe, ("standard", "fast"))
-        _check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check(self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
+               (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+               f"device must be auto, cpu, cuda, cuda:N or mps (got {self.device!r})")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, subset
+from conftest import needs_hymenoptera, run_cli, subset
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
@@ -45,3 +45,72 @@ def test_two_gloo_processes_match_one_process(cifar_2000, tmp_path):
     one_row, two_row = (p.read_text().splitlines()[1].split(",") for p in (tmp_path / "one" / "metrics.csv",
                                                                           tmp_path / "two" / "metrics.csv"))
     assert abs(float(one_row[3]) - float(two_row[3])) < 1e-3  # train loss reduced over both ranks
+
+
+@pytest.mark.ddp
+@needs_hymenoptera
+def test_transfer_recipe_under_two_processes_shares_the_feature_work(ants_bees_small, tmp_path):
+    """Each rank computes the frozen backbone's features for half of the files; both then train
+    with DDP, and only rank 0 writes the run folder and the cache. The features equal those of a
+    single process; without dropout (whose masks each rank draws for its own slice) the trained
+    head does too, up to float noise."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+    def train(name, *extra):
+        cache = tmp_path / f"cache-{name}"
+        proc = subprocess.run([sys.executable, "-m", "pixclass", "train", str(ants_bees_small), "--seed", "3", "-q",
+                               "--optimizer", "sgd", "--lr", "0.01", "--out", str(tmp_path / name), *extra],
+                              capture_output=True, text=True, env={**env, "PIXCLASS_CACHE_DIR": str(cache)}, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        [store] = (cache / "features").glob("*.safetensors")
+        return load_file(store), load_file(tmp_path / name / "model" / "model.safetensors")
+
+    head_only = ["--freeze", "--head-epochs", "3", "--dropout", "0"]
+    one_features, one = train("one", *head_only, "--threads", "1")
+    two_features, two = train("two", *head_only, "--nproc", "2")
+    assert one_features.keys() == two_features.keys() and len(one_features) == 72
+    assert max((one_features[k] - two_features[k]).abs().max().item() for k in one_features) < 1e-4
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-4
+    # the default recipe (head, then fine-tuning the tail) under DDP: logged once, by rank 0
+    train("two-finetune", "--head-epochs", "2", "--epochs", "1", "--nproc", "2")
+    rows = (tmp_path / "two-finetune" / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == ["head"] * 2 + ["finetune"]
+
+
+def test_device_and_precision_choices(monkeypatch):
+    """What runs where: CPU here; a GPU per local rank and mixed precision where there are GPUs."""
+    from pixclass.errors import UserError
+    from pixclass.train.distributed import Dist, choose_device
+    from pixclass.train.precision import training_autocast
+
+    cpu = torch.device("cpu")
+    assert choose_device("auto") == cpu and choose_device("cpu") == cpu
+    assert training_autocast("auto", cpu) is None and training_autocast("bf16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="needs a GPU"):
+        training_autocast("fp16", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            choose_device("cuda")
+    # as on a machine with 2 GPUs (nothing is allocated: only the choice is checked)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_device("auto") == torch.device("cuda", 0)
+    assert choose_device("auto", Dist(rank=3, world=4, local_rank=1, local_world=2)) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="only 2 GPU"):
+        choose_device("cuda:2")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training_autocast("auto", gpu) == torch.bfloat16 and training_autocast("fp16", gpu) == torch.float16
+    assert training_autocast("fp32", gpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert training_autocast("auto", gpu) == torch.float16
+
+
+def test_bf16_autocast_trains_on_the_cpu(shapes, tmp_path):
+    proc = run_cli("train", shapes, "--model", "seed-cnn", "--image-size", "32", "--epochs", "2", "--precision", "bf16",
+                   "--device", "cpu", "--out", tmp_path / "r", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    import json
+    summary = json.loads(proc.stdout)
+    assert summary["metrics"]["n"] > 0 and (tmp_path / "r" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "r" / "model" / "pixclass.json").read_text())["config"]["train"]["precision"] == "bf16"

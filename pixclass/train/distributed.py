@@ -52,23 +52,36 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
-def choose_device(requested: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless one is asked for."""
+def choose_device(requested: str | None = None, dist: Dist | None = None) -> torch.device:
+    """cuda, then mps, then cpu, unless one is asked for. Under torchrun each process takes the
+    GPU of its local rank."""
+    from ..errors import UserError
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested and requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        if device.type == "mps" and not mps:
+            raise UserError(f"--device {requested}: Apple's MPS is not available here")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif mps:
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count() if dist and dist.enabled else 0)
+    return device
 
 
 def init(dist: Dist, device: torch.device) -> None:
+    """The process group: nccl between GPUs, gloo on CPUs."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-        if device.type == "cuda":
-            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def shutdown(dist: Dist) -> None:

@@ -60,6 +60,11 @@ class _Runner:
 
     def __init__(self, frozen: FrozenPart, key: str, channels: int, size: int, folder: Path):
         self.frozen, self.session = frozen.eval(), None
+        self.device = next(frozen.parameters()).device
+        if self.device.type != "cpu":  # on a GPU the model itself, where it already is
+            self.frozen = self.frozen.to(memory_format=torch.channels_last)
+            self.memory_format = torch.channels_last
+            return
         try:
             import onnxruntime as ort
             path = folder / f"{key}.onnx"
@@ -100,19 +105,21 @@ class _Runner:
                 return torch.from_numpy(self.session.run(None, {"x": part.contiguous().numpy()})[0])
             parts = x.split(self.chunk)
             return torch.cat(list(self.pool.map(run, parts)) if self.pool else [run(p) for p in parts])
-        return torch.cat([self.frozen(part.contiguous(memory_format=torch.channels_last)).contiguous()
-                          for part in x.split(8)])
+        size = 8 if self.device.type == "cpu" else 64
+        return torch.cat([self.frozen(part.to(self.device).contiguous(memory_format=torch.channels_last)).float().cpu()
+                          .contiguous() for part in x.split(size)])
 
 
 def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: BatchAugment | None, seed: int,
-                     reporter: Reporter, batch_size: int = 32, decoding: DecodeAhead | None = None):
+                     reporter: Reporter, batch_size: int = 32, decoding: DecodeAhead | None = None, dist=None):
     """Features at `cut` for several splits in one pass over the files that miss the cache.
 
     parts: {name: (paths, labels, views)}. Returns ({name: SplitData of cached features, N x views x ...},
     [(path, reason)] of the unreadable ones). A file's clean features are stored under its content
     digest, its augmented views under digest + augmentation + seed + view number. `decoding`: the
     images already being decoded (a DecodeAhead with this preprocessing over these files), used
-    instead of decoding them again; it is closed here either way."""
+    instead of decoding them again; it is closed here either way. Under torchrun (`dist`) each
+    rank computes every world-th of the missing files, then all ranks exchange what they computed."""
     frozen = FrozenPart(model, cut)
     wdigest = weights_digest(frozen)
     store_path = cache_root() / "features" / f"{digest(model.backbone_name, wdigest, cut, pre.to_dict())}.safetensors"
@@ -130,6 +137,9 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     failures = [(p, "cannot read file") for p, d in digests.items() if d is None]
     todo = {p: [n for n in ns if n not in stored] for p, ns in names.items()}
     todo = {p: ns for p, ns in todo.items() if ns}
+    missing = len(todo)
+    if dist is not None and dist.enabled:  # this rank's share, in an order every rank agrees on
+        todo = {p: todo[p] for p in sorted(todo)[dist.rank::dist.world]}
     if decoding is not None and (decoding.pre != pre or not set(todo) <= set(decoding.paths)):
         decoding.close()
         decoding = None
@@ -138,14 +148,24 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
             return _Runner(frozen, digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
                            pre.channels, pre.size, store_path.parent)
         decoding = decoding or DecodeAhead(list(todo), pre, batch_size)  # the workers start decoding now
+        computed: dict[str, torch.Tensor] = {}
         try:
-            failures += _compute(make_runner, decoding, todo, pre, augment, seed, stored, reporter)
+            failures += _compute(make_runner, decoding, todo, pre, augment, seed, computed, reporter)
         finally:
             decoding.close()
-        _save_store(store_path, stored)
+        stored.update(computed)
+    elif decoding is not None:
+        decoding.close()
+    if missing and dist is not None and dist.enabled:
+        shares: list = [None] * dist.world
+        torch.distributed.all_gather_object(shares, (computed if todo else {}, failures))
+        failures = list(dict.fromkeys(f for _, fs in shares for f in fs))
+        for share, _ in shares:
+            stored.update(share)
+    if missing:
+        if dist is None or dist.main:
+            _save_store(store_path, stored)
     else:
-        if decoding is not None:
-            decoding.close()
         reporter.info(f"features: all {len(names)} images found in the cache")
     failed = {p for p, _ in failures}
     out = {}

@@ -76,11 +76,12 @@ def finetune_epochs(cfg: RunConfig) -> int:
 
 
 @torch.inference_mode()
-def _through(module_fn, split: SplitData, batch_size: int = 256) -> SplitData:
-    """Apply a frozen function to every view of every cached feature."""
+def _through(module_fn, split: SplitData, device: torch.device, batch_size: int = 256) -> SplitData:
+    """Apply a frozen function (on the model's device) to every view of every cached feature."""
     n, v = split.images.shape[:2]
     flat = split.images.flatten(0, 1)
-    out = torch.cat([module_fn(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)]) if len(flat) else flat
+    out = torch.cat([module_fn(flat[i:i + batch_size].to(device)).cpu()
+                     for i in range(0, len(flat), batch_size)]) if len(flat) else flat
     return SplitData(out.view(n, v, *out.shape[1:]), split.labels, split.paths)
 
 
@@ -91,9 +92,17 @@ def _probabilities(module: nn.Module, split: SplitData) -> np.ndarray:
 
 
 def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: Reporter, extra: dict,
-                 decoding=None) -> TransferResult:
-    """`decoding`: a DecodeAhead already decoding the run's files (see extract_features)."""
+                 decoding=None, dist=None, device: torch.device | None = None) -> TransferResult:
+    """`decoding`: a DecodeAhead already decoding the run's files (see extract_features). Under
+    torchrun (`dist`) every rank computes the features of its share of the files, all ranks then
+    hold all of them, the phases train with DDP, and only rank 0 writes (`run_dir` elsewhere None)."""
     import time
+    from .distributed import Dist
+    dist = dist or Dist()
+    device = torch.device(device or "cpu")
+    if not dist.main:
+        run_dir = None
+    model.to(device)
     tc, pre = cfg.train, data.preprocess
     augment = build_augment(cfg.augment)
     cut, n_units = choose_cut(model, cfg, pre.size), model.n_units
@@ -103,7 +112,8 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
     model.eval()
     parts = {name: (part.paths, part.labels, tc.feature_views if name == "train" else 0)
              for name in ("train", "val", "test") if (part := getattr(data, name)) is not None and len(part)}
-    extracted, skipped = extract_features(model, frozen_cut, parts, pre, augment, tc.seed, reporter, decoding=decoding)
+    extracted, skipped = extract_features(model, frozen_cut, parts, pre, augment, tc.seed, reporter, decoding=decoding,
+                                          dist=dist)
     splits = {name: extracted.get(name) for name in ("train", "val", "test")}
     timings["features_s"] = round(time.perf_counter() - t0, 2)
     if splits["train"] is None or len(splits["train"]) == 0:
@@ -116,7 +126,7 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
         tail = Tail(model, frozen_cut)
         for module in tail.units:
             module.eval()
-        pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s) if s is not None else None
+        pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s, device) if s is not None else None
                   for k, s in splits.items()}
     else:
         pooled = splits
@@ -128,7 +138,7 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
             p.requires_grad_(False)
         trainer = Trainer(model.head, pooled["train"], pooled["val"], head_cfg, FeatureInputs(), run_dir, reporter,
                           phase="head", extra=extra, history=history, saved_model=model,
-                          last_phase=finetune_epochs(cfg) == 0, channels_last=False)
+                          last_phase=finetune_epochs(cfg) == 0, channels_last=False, dist=dist, device=device)
         trainer.fit()
         trainer.restore_best()
     timings["head_s"] = round(time.perf_counter() - t1, 2)
@@ -147,17 +157,19 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
         if cut == 0:  # the whole network trains: decode the images and run it end to end
             images = {k: _decoded(getattr(data, k), pre, reporter) for k in ("train", "val", "test")}
             trainer = Trainer(model, images["train"], images["val"], ft_cfg, ImageInputs(pre, augment),
-                              run_dir, reporter, phase="finetune", extra=extra, history=history)
+                              run_dir, reporter, phase="finetune", extra=extra, history=history, dist=dist,
+                              device=device)
         else:
             tail = Tail(model, cut)
             trainer = Trainer(tail, splits["train"], splits["val"], ft_cfg, FeatureInputs(), run_dir, reporter,
                               phase="finetune", extra=extra, history=history,
-                              param_groups=tail.param_groups(tc.lr_ratio), saved_model=model, channels_last=False)
+                              param_groups=tail.param_groups(tc.lr_ratio), saved_model=model, channels_last=False,
+                              dist=dist, device=device)
             final, final_splits = tail, splits
         trainer.fit()
         trainer.restore_best()
     timings["finetune_s"] = round(time.perf_counter() - t2, 2)
-    model.eval()
+    model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
 
     held_name = "test" if final_splits.get("test") is not None else "val" if final_splits.get("val") is not None else None
     held, held_paths = None, []
