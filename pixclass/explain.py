@@ -67,7 +67,15 @@ class GradCAM:
 
     def __init__(self, model: nn.Module, layer: nn.Module):
         self.model, self._activations = model, None
-        self._hook = layer.register_forward_hook(lambda module, inputs, output: setattr(self, "_activations", output))
+        self._hook = layer.register_forward_hook(self._start_graph_here)
+
+    def _start_graph_here(self, module, inputs, output):
+        # The autograd graph starts at the target layer: with the weights not requiring gradients,
+        # the forward pass up to here records nothing and the backward pass only runs through what
+        # follows the layer (for a backbone's last stage: pooling and the head). A clone goes on,
+        # so an in-place operation after the layer cannot touch the activations kept here.
+        self._activations = output.detach().requires_grad_(True)
+        return self._activations.clone()
 
     def release(self) -> None:
         self._hook.remove()
@@ -102,7 +110,9 @@ class Explainer:
             raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
         self.model = art.model.eval()
         for p in self.model.parameters():
-            p.requires_grad_(True)  # gradients flow to the activations; weights never change here
+            # pytorch-grad-cam takes gradients through the weights' graph; pixclass's Grad-CAM
+            # starts its graph at the layer (weights never change here either way)
+            p.requires_grad_(method != "gradcam")
         self.layer = find_layer(self.model, layer)
         if method == "gradcam":
             self.cam = GradCAM(self.model, self.layer)
@@ -129,10 +139,10 @@ class Explainer:
         pre = self.art.preprocess
         batch = torch.stack([image_to_uint8(img if hasattr(img, "mode") else decode_image(img, pre.channels), pre)
                              for img in images])
-        x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
-        if isinstance(self.cam, GradCAM):
-            maps, probs = self.cam(x, class_index)
+        if isinstance(self.cam, GradCAM):  # channels_last: PyTorch's CPU convolutions are ~1.5x faster in it
+            maps, probs = self.cam(batch_to_input(batch, pre), class_index)
             return maps, probs, batch
+        x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         with torch.no_grad():
             probs = torch.softmax(self.model(x).float(), 1).numpy()

@@ -89,14 +89,16 @@ def test_own_gradcam_equals_pytorch_grad_cam(trained_run, shapes_session):
     lite0, _ = create_model("efficientnet_lite0", 3)
     torch.manual_seed(0)
     for model, size in ((seed, 32), (lite0.eval(), 224)):
-        for p in model.parameters():
-            p.requires_grad_(True)
         layer = default_target_layer(model)
         x = torch.randn(3, 3, size, size)
+        for p in model.parameters():
+            p.requires_grad_(False)  # as Explainer leaves them for pixclass's Grad-CAM
         ours = GradCAM(model, layer)
         maps, probs = ours(x)
         class_one, _ = ours(x, class_index=1)
         ours.release()
+        for p in model.parameters():
+            p.requires_grad_(True)  # as the library expects
         with LibraryGradCAM(model=model, target_layers=[layer]) as library:
             expected = library(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in probs.argmax(1)])
             expected_one = library(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 3)
