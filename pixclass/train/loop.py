@@ -54,7 +54,7 @@ class Trainer:
                  reporter: Reporter | None = None, phase: str = "train", extra: dict | None = None,
                  history: list | None = None, param_groups: list[dict] | None = None,
                  saved_model: nn.Module | None = None, last_phase: bool = True, channels_last: bool = True,
-                 dist=None, device: torch.device | None = None):
+                 dist=None, device: torch.device | None = None, final_curves: bool = True):
         # channels_last suits convolutions over images; on cached 7x7 feature maps (1x1
         # convolutions, i.e. matrix products) the default layout measured 1.6x faster
         self.device = torch.device(device or "cpu")
@@ -76,6 +76,7 @@ class Trainer:
         self.reporter = reporter or Reporter()
         self.phase = phase
         self.last_phase = last_phase  # an earlier phase leaves checkpoints and curves to the last one
+        self.final_curves = final_curves  # False: whoever runs the trainer draws curves.png afterwards
         self.extra = extra or {}  # saved with every checkpoint: what a resume needs besides the loop state
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.loss_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
@@ -252,7 +253,7 @@ class Trainer:
             self.epoch += 1
             final = (self.epoch >= self.cfg.epochs or self.stopper.should_stop) and self.last_phase
             self._save(final)
-            self.log.write(self.history, plot=final)
+            self.log.write(self.history, plot=final and self.final_curves)
             self.reporter.info(_epoch_line(row))
             if self.stopper.should_stop:
                 self.reporter.info(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.early_stopping} epochs")

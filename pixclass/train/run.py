@@ -144,6 +144,9 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
             distributed.shutdown(dist)
             return {"rank": dist.rank, "epochs_run": len(history)}
         metrics, held = _evaluate_held_out(art, data)
+    art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
+    art.metrics["history_last"] = history[-1] if history else {}
+    model_dir = artifact_io.save(art, run_dir / "model")  # before the report: nothing it does can cost the model
     report = None
     if metrics:
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
@@ -151,9 +154,9 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
                               title=f"pixclass run {run_dir.name}",
                               run_info={"data": cfg.data.path, "run folder": str(run_dir),
                                         "epochs run": len(history), "seconds": round(time.perf_counter() - started, 1)})
-    art.metrics = {k: metrics[k] for k in metrics if k not in ("per_class", "confusion_matrix")}
-    art.metrics["history_last"] = history[-1] if history else {}
-    model_dir = artifact_io.save(art, run_dir / "model")
+    elif history:  # no held-out split, so no report: the curves on their own
+        from ..plots import training_curves
+        training_curves(history, run_dir / "curves.png")
     distributed.shutdown(dist)
     return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
             "epochs_run": len(history), "train_seconds": round(time.perf_counter() - started, 1),
@@ -168,7 +171,8 @@ def _fit_scratch(model, data: PreparedData, cfg: RunConfig, run_dir: Path, repor
     train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or SCRATCH_EPOCHS)
     main = dist is None or dist.main
     trainer = Trainer(model, data.train, data.val, train_cfg, ImageInputs(data.preprocess, build_augment(cfg.augment)),
-                      run_dir if main else None, reporter, extra=extra, dist=dist, device=device)
+                      run_dir if main else None, reporter, extra=extra, dist=dist, device=device,
+                      final_curves=False)  # run_training draws them, in the report or alone
     if ckpt_path is not None:
         trainer.resume(ckpt_path)
     trainer.fit()

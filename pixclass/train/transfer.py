@@ -138,7 +138,8 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
             p.requires_grad_(False)
         trainer = Trainer(model.head, pooled["train"], pooled["val"], head_cfg, FeatureInputs(), run_dir, reporter,
                           phase="head", extra=extra, history=history, saved_model=model,
-                          last_phase=finetune_epochs(cfg) == 0, channels_last=False, dist=dist, device=device)
+                          last_phase=finetune_epochs(cfg) == 0, channels_last=False, dist=dist, device=device,
+                          final_curves=False)
         trainer.fit()
         trainer.restore_best()
     timings["head_s"] = round(time.perf_counter() - t1, 2)
@@ -158,13 +159,13 @@ def fit_transfer(model: TransferModel, data, cfg: RunConfig, run_dir, reporter: 
             images = {k: _decoded(getattr(data, k), pre, reporter) for k in ("train", "val", "test")}
             trainer = Trainer(model, images["train"], images["val"], ft_cfg, ImageInputs(pre, augment),
                               run_dir, reporter, phase="finetune", extra=extra, history=history, dist=dist,
-                              device=device)
+                              device=device, final_curves=False)
         else:
             tail = Tail(model, cut)
             trainer = Trainer(tail, splits["train"], splits["val"], ft_cfg, FeatureInputs(), run_dir, reporter,
                               phase="finetune", extra=extra, history=history,
                               param_groups=tail.param_groups(tc.lr_ratio), saved_model=model, channels_last=False,
-                              dist=dist, device=device)
+                              dist=dist, device=device, final_curves=False)
             final, final_splits = tail, splits
         trainer.fit()
         trainer.restore_best()
