@@ -62,8 +62,8 @@ def test_transfer_recipe_under_two_processes_shares_the_feature_work(ants_bees_s
                                "--optimizer", "sgd", "--lr", "0.01", "--out", str(tmp_path / name), *extra],
                               capture_output=True, text=True, env={**env, "PIXCLASS_CACHE_DIR": str(cache)}, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        [store] = (cache / "features").glob("*.safetensors")
-        return load_file(store), load_file(tmp_path / name / "model" / "model.safetensors")
+        [shard] = (cache / "features").glob("*/*.safetensors")  # one run, one shard
+        return load_file(shard), load_file(tmp_path / name / "model" / "model.safetensors")
 
     head_only = ["--freeze", "--head-epochs", "3", "--dropout", "0"]
     one_features, one = train("one", *head_only, "--threads", "1")

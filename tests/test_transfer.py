@@ -85,6 +85,14 @@ def test_feature_cache_is_reused_and_keyed_by_content(ants_bees_small, tmp_path)
     assert third.returncode == 0 and "found in the cache" not in third.stderr
     assert "features ━" in third.stderr and "1/1" in third.stderr
     assert env_cache == os.environ["PIXCLASS_CACHE_DIR"]
+    # each run that computed something wrote one shard with only what it computed
+    shards = sorted(Path(env_cache, "features").glob("*/*.safetensors"), key=lambda p: p.stat().st_size)
+    assert len(shards) >= 2 and shards[0].stat().st_size < shards[-1].stat().st_size / 10
+    # a damaged shard is never trusted: its entries are computed again
+    newest = max(shards, key=lambda p: p.stat().st_mtime)
+    newest.write_bytes(b"not a safetensors file")
+    fourth = run_cli("train", data, *args[:-1], "--out", tmp_path / "d")
+    assert fourth.returncode == 0 and "found in the cache" not in fourth.stderr and "1/1" in fourth.stderr
 
 
 def test_freeze_trains_only_the_head(ants_bees_small, tmp_path):

@@ -2,7 +2,7 @@
 
 The cache is keyed by the file's content (not its name), the backbone and its weights, where the
 backbone is cut, the preprocessing, the augmentation and the number of views, so a stale entry can
-never be used. The frozen part runs in ONNX Runtime when it is installed (about 1.7x faster than
+never be used; it is a folder of shards per frozen part (FeatureStore). The frozen part runs in ONNX Runtime when it is installed (about 1.7x faster than
 PyTorch eager for EfficientNet-Lite0 on 2 cores), else in PyTorch."""
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     rank computes every world-th of the missing files, then all ranks exchange what they computed."""
     frozen = FrozenPart(model, cut)
     wdigest = weights_digest(frozen)
-    store_path = cache_root() / "features" / f"{digest(model.backbone_name, wdigest, cut, pre.to_dict())}.safetensors"
+    features_dir = cache_root() / "features"
+    store = FeatureStore(features_dir / digest(model.backbone_name, wdigest, cut, pre.to_dict()))
     aug_tag = digest(asdict(augment.cfg), seed)[:12] if augment is not None else None
-    stored = _load_store(store_path)
     names = {}  # path -> entry names it needs
     digests = {}
     for paths, _, views in parts.values():
@@ -135,6 +135,7 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
                 wanted = [d] + ([f"{d}:{aug_tag}:{v}" for v in range(1, views + 1)] if aug_tag else [])
                 names[p] = list(dict.fromkeys(names.get(p, []) + wanted))
     failures = [(p, "cannot read file") for p, d in digests.items() if d is None]
+    stored = store.load({n for ns in names.values() for n in ns})
     todo = {p: [n for n in ns if n not in stored] for p, ns in names.items()}
     todo = {p: ns for p, ns in todo.items() if ns}
     missing = len(todo)
@@ -143,39 +144,62 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     if decoding is not None and (decoding.pre != pre or not set(todo) <= set(decoding.paths)):
         decoding.close()
         decoding = None
+    computed: dict[str, torch.Tensor] = {}
     if todo:
         def make_runner():
             return _Runner(frozen, digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
-                           pre.channels, pre.size, store_path.parent)
+                           pre.channels, pre.size, features_dir)
         decoding = decoding or DecodeAhead(list(todo), pre, batch_size)  # the workers start decoding now
-        computed: dict[str, torch.Tensor] = {}
         try:
             failures += _compute(make_runner, decoding, todo, pre, augment, seed, computed, reporter)
         finally:
             decoding.close()
-        stored.update(computed)
     elif decoding is not None:
         decoding.close()
     if missing and dist is not None and dist.enabled:
         shares: list = [None] * dist.world
-        torch.distributed.all_gather_object(shares, (computed if todo else {}, failures))
+        torch.distributed.all_gather_object(shares, (computed, failures))
         failures = list(dict.fromkeys(f for _, fs in shares for f in fs))
-        for share, _ in shares:
-            stored.update(share)
+        computed = {k: v for share, _ in shares for k, v in share.items()}
     if missing:
         if dist is None or dist.main:
-            _save_store(store_path, stored)
+            store.add(computed)
+        stored.update(computed)
+        del computed
     else:
         reporter.info(f"features: all {len(names)} images found in the cache")
-    failed = {p for p, _ in failures}
+    return _splits(parts, stored, digests, aug_tag, {p for p, _ in failures}), failures
+
+
+def _splits(parts: dict, stored: dict, digests: dict, aug_tag: str | None, failed: set) -> dict[str, SplitData]:
+    """Each split's entries stacked into one tensor (N x views x ...); an entry leaves `stored` at
+    its last use, so the features are held about once, not twice, at the peak."""
+    def entries(path, views):
+        d = digests[path]
+        return [d] + [f"{d}:{aug_tag}:{v}" for v in range(1, views + 1) if aug_tag]
+
+    uses: dict[str, int] = {}
+    for paths, _, views in parts.values():
+        for p in paths:
+            if p not in failed:
+                for key in entries(p, views):
+                    uses[key] = uses.get(key, 0) + 1
     out = {}
     for name, (paths, labels, views) in parts.items():
         keep = [i for i, p in enumerate(paths) if p not in failed]
-        feats = [torch.stack([stored[digests[paths[i]]]] + [stored[f"{digests[paths[i]]}:{aug_tag}:{v}"]
-                                                            for v in range(1, views + 1) if aug_tag]) for i in keep]
-        out[name] = SplitData(torch.stack(feats) if feats else torch.zeros(0),
-                                 torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
-    return out, failures
+        tensor = None
+        for row, i in enumerate(keep):
+            for col, key in enumerate(entries(paths[i], views)):
+                value = stored[key]
+                if tensor is None:
+                    tensor = torch.empty((len(keep), len(entries(paths[i], views)), *value.shape), dtype=value.dtype)
+                tensor[row, col] = value
+                uses[key] -= 1
+                if uses[key] == 0:
+                    del stored[key]
+        out[name] = SplitData(tensor if tensor is not None else torch.zeros(0),
+                              torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
+    return out
 
 
 def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed, stored, reporter):
@@ -218,19 +242,52 @@ def _compute_batches(runner, decoding, todo, pre, augment, seed, stored, reporte
     return failures
 
 
-def _load_store(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        return {}
-    try:
-        from safetensors.torch import load_file
-        return dict(load_file(str(path)))
-    except Exception:  # a damaged cache file is recomputed, never trusted
-        return {}
+class FeatureStore:
+    """The cached features of one frozen part (backbone, weights, cut, preprocessing): a folder of
+    safetensors shards, one written by each run that computed something. Entries are keyed by
+    file content (and view), so one store serves every dataset; a run reads only the entries it
+    needs (the shards' headers say which holds what) and writes only what it computed, so memory
+    and disk work follow the run, not everything ever cached. A damaged shard is skipped: its
+    entries are computed again, never trusted."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.where: dict[str, Path] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            try:
+                with _open(shard) as f:
+                    for key in f.keys():
+                        self.where.setdefault(key, shard)
+            except Exception:
+                continue
+
+    def load(self, keys) -> dict[str, torch.Tensor]:
+        """The entries among `keys` that the store has and can read."""
+        by_shard: dict[Path, list[str]] = {}
+        for key in keys:
+            if key in self.where:
+                by_shard.setdefault(self.where[key], []).append(key)
+        found = {}
+        for shard, wanted in by_shard.items():
+            try:
+                with _open(shard) as f:
+                    part = {key: f.get_tensor(key) for key in wanted}
+            except Exception:
+                continue
+            found.update(part)
+        return found
+
+    def add(self, entries: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+        if not entries:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = digest(*sorted(entries))[:24]
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in entries.items()}, str(tmp))
+        os.replace(tmp, self.folder / f"{name}.safetensors")
 
 
-def _save_store(path: Path, stored: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp))
-    os.replace(tmp, path)
+def _open(shard: Path):
+    from safetensors import safe_open
+    return safe_open(str(shard), framework="pt")
