@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -135,8 +136,7 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
                 wanted = [d] + ([f"{d}:{aug_tag}:{v}" for v in range(1, views + 1)] if aug_tag else [])
                 names[p] = list(dict.fromkeys(names.get(p, []) + wanted))
     failures = [(p, "cannot read file") for p, d in digests.items() if d is None]
-    stored = store.load({n for ns in names.values() for n in ns})
-    todo = {p: [n for n in ns if n not in stored] for p, ns in names.items()}
+    todo = {p: [n for n in ns if n not in store] for p, ns in names.items()}
     todo = {p: ns for p, ns in todo.items() if ns}
     missing = len(todo)
     if dist is not None and dist.enabled:  # this rank's share, in an order every rank agrees on
@@ -164,16 +164,18 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     if missing:
         if dist is None or dist.main:
             store.add(computed)
-        stored.update(computed)
-        del computed
     else:
         reporter.info(f"features: all {len(names)} images found in the cache")
-    return _splits(parts, stored, digests, aug_tag, {p for p, _ in failures}), failures
+    with store.reader() as cached:
+        return _splits(parts, computed, cached, digests, aug_tag, {p for p, _ in failures}), failures
 
 
-def _splits(parts: dict, stored: dict, digests: dict, aug_tag: str | None, failed: set) -> dict[str, SplitData]:
-    """Each split's entries stacked into one tensor (N x views x ...); an entry leaves `stored` at
-    its last use, so the features are held about once, not twice, at the peak."""
+def _splits(parts: dict, computed: dict, cached, digests: dict, aug_tag: str | None,
+            failed: set) -> dict[str, SplitData]:
+    """Each split's entries copied into one tensor (N x views x ...): from this run's `computed`
+    (rows of batch outputs, each dropped at its last use, so a batch's memory is freed as soon as
+    all its rows are copied) or read from the cache one by one, so the features are held about
+    once, not twice, at the peak."""
     def entries(path, views):
         d = digests[path]
         return [d] + [f"{d}:{aug_tag}:{v}" for v in range(1, views + 1) if aug_tag]
@@ -189,14 +191,15 @@ def _splits(parts: dict, stored: dict, digests: dict, aug_tag: str | None, faile
         keep = [i for i, p in enumerate(paths) if p not in failed]
         tensor = None
         for row, i in enumerate(keep):
-            for col, key in enumerate(entries(paths[i], views)):
-                value = stored[key]
+            keys = entries(paths[i], views)
+            for col, key in enumerate(keys):
+                value = computed[key] if key in computed else cached(key)
                 if tensor is None:
-                    tensor = torch.empty((len(keep), len(entries(paths[i], views)), *value.shape), dtype=value.dtype)
+                    tensor = torch.empty((len(keep), len(keys), *value.shape), dtype=value.dtype)
                 tensor[row, col] = value
                 uses[key] -= 1
-                if uses[key] == 0:
-                    del stored[key]
+                if uses[key] == 0 and key in computed:
+                    del computed[key]
         out[name] = SplitData(tensor if tensor is not None else torch.zeros(0),
                               torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
     return out
@@ -236,8 +239,9 @@ def _compute_batches(runner, decoding, todo, pre, augment, seed, stored, reporte
                     gens = [torch.Generator().manual_seed(int(e.split(":")[0][:12], 16) ^ (seed * 7919 + view))
                             for _, _, e in items]
                     x = batch_to_input(batch, pre, augment, gens, memory_format=runner.memory_format)
+                # rows of the batch's output, not copies: freed together once all are used
                 for (_, _, entry), f in zip(items, runner(x)):
-                    stored[entry] = f.clone()
+                    stored[entry] = f
             bar.advance(len(chunk))
     return failures
 
@@ -248,44 +252,53 @@ class FeatureStore:
     file content (and view), so one store serves every dataset; a run reads only the entries it
     needs (the shards' headers say which holds what) and writes only what it computed, so memory
     and disk work follow the run, not everything ever cached. A damaged shard is skipped: its
-    entries are computed again, never trusted."""
+    entries are computed again, never trusted (a shard is opened at indexing, which checks its
+    header against the file)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.where: dict[str, Path] = {}
         for shard in sorted(folder.glob("*.safetensors")):
-            try:
+            try:  # opening checks the header against the file's size, so a truncated shard fails here
                 with _open(shard) as f:
                     for key in f.keys():
                         self.where.setdefault(key, shard)
             except Exception:
                 continue
 
-    def load(self, keys) -> dict[str, torch.Tensor]:
-        """The entries among `keys` that the store has and can read."""
-        by_shard: dict[Path, list[str]] = {}
-        for key in keys:
-            if key in self.where:
-                by_shard.setdefault(self.where[key], []).append(key)
-        found = {}
-        for shard, wanted in by_shard.items():
-            try:
-                with _open(shard) as f:
-                    part = {key: f.get_tensor(key) for key in wanted}
-            except Exception:
-                continue
-            found.update(part)
-        return found
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
 
-    def add(self, entries: dict[str, torch.Tensor]) -> None:
+    @contextmanager
+    def reader(self):
+        """get(key) -> tensor, each read straight from its shard (shards opened once)."""
+        handles: dict[Path, object] = {}
+        with ExitStack() as stack:
+            def get(key: str) -> torch.Tensor:
+                shard = self.where[key]
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(_open(shard))
+                return handles[shard].get_tensor(key)
+            yield get
+
+    def add(self, entries: dict[str, torch.Tensor], shard_bytes: int = 256 * 2**20) -> None:
+        """Write `entries` as shards of at most ~shard_bytes: the writer holds a byte copy of what
+        it writes, so this bounds the extra memory a large run needs to save its features."""
         from safetensors.torch import save_file
-        if not entries:
-            return
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = digest(*sorted(entries))[:24]
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in entries.items()}, str(tmp))
-        os.replace(tmp, self.folder / f"{name}.safetensors")
+        keys = sorted(entries)
+        start = 0
+        while start < len(keys):
+            end, size = start, 0
+            while end < len(keys) and (end == start or size + entries[keys[end]].nbytes <= shard_bytes):
+                size += entries[keys[end]].nbytes
+                end += 1
+            chunk = keys[start:end]
+            name = digest(*chunk)[:24]
+            tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+            save_file({k: entries[k].clone() for k in chunk}, str(tmp))  # clones: rows of one batch share memory
+            os.replace(tmp, self.folder / f"{name}.safetensors")
+            start = end
 
 
 def _open(shard: Path):
