@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_request(port: int, files: list[tuple[str, bytes]]) -> bytes:
@@ -100,19 +93,10 @@ def main() -> None:
     args = parser.parse_args()
     paths = sorted(p for p in args.image_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:256]
     images = [(p.name, p.read_bytes()) for p in paths]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pixclass", "serve", str(args.model_dir), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    from pixclass.serve.local import start_local
+    server, base = start_local(args.model_dir)
+    port = int(base.rsplit(":", 1)[1])
     try:
-        import httpx
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         latencies, failures, health = [], [], []
         deadline = time.perf_counter() + args.seconds
 

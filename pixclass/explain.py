@@ -23,11 +23,8 @@ METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
 
 def _cam_class(method: str):
     from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
-    classes = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM,
-               "layercam": LayerCAM}
-    if method not in classes:
-        raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
-    return classes[method]
+    return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM,
+            "layercam": LayerCAM}[method]  # Explainer has checked the name
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:

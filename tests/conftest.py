@@ -136,22 +136,5 @@ def subset(source: Path, dest: Path, classes=None, per_class: int = 400) -> Path
 def start_server(model_dir, *args):
     """`pixclass serve MODEL ARGS` on a free local port; returns (process, base URL) once /readyz
     answers 200."""
-    import socket
-    import subprocess
-    import time
-
-    import httpx
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pixclass", "serve", str(model_dir), "--port", str(port),
-                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return proc, base
+    from pixclass.serve.local import start_local
+    return start_local(model_dir, *args, timeout_s=30)

@@ -50,13 +50,17 @@ class DecodeAhead:
     processes that start the moment this is made and run up to `max_bytes` of images ahead of the
     consumer, so decoding overlaps with whatever the main process does meanwhile (importing timm
     and building a pretrained model take ~1.5 s of one core while the other would idle).
-    Fewer than 64 files are decoded in the consumer's process instead: not worth the workers."""
+    Fewer than `min_files_for_workers` files are decoded in the consumer's process instead: not
+    worth the workers."""
 
     def __init__(self, paths: list[Path], pre: Preprocess, batch_size: int = 32, max_bytes: int = 1 << 29,
-                 workers: int | None = None):
+                 workers: int | None = None, min_files_for_workers: int = 64):
         self.paths, self.pre, self.batch_size = list(paths), pre, batch_size
         self._batches = None
-        workers = (default_workers() if workers is None else workers) if len(self.paths) >= 64 else 0
+        if len(self.paths) < min_files_for_workers:
+            workers = 0
+        elif workers is None:
+            workers = default_workers()
         if workers:
             per_batch = batch_size * pre.channels * pre.size * pre.size
             n_batches = -(-len(self.paths) // batch_size)
@@ -86,11 +90,8 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
     images = torch.empty((n, pre.channels, pre.size, pre.size), dtype=torch.uint8)
     good = torch.zeros(n, dtype=torch.bool)
     failures = []
-    workers = default_workers() if n >= 512 else 0
-    loader = DataLoader(DecodedImages(paths, pre), batch_size=64, num_workers=workers, collate_fn=_keep_all,
-                        generator=torch.Generator())  # workers must not draw from the global RNG
     with reporter.bar(what, n) as bar:
-        for chunk in loader:
+        for chunk in DecodeAhead(paths, pre, batch_size=64, max_bytes=0, min_files_for_workers=512):
             for i, img, reason in chunk:
                 if img is None:
                     failures.append((paths[i], reason))
