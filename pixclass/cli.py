@@ -104,20 +104,26 @@ def train(
     import os
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
-    from .progress import Reporter
-    from .train.run import run_training
+    from .plot_worker import plotter_for_run
+    # before torch is imported: the report's figure worker imports matplotlib meanwhile (one rank draws)
+    plotter = plotter_for_run(enabled=os.environ.get("RANK", "0") == "0")
+    try:
+        from .progress import Reporter
+        from .train.run import run_training
 
-    cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-                        image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
-                        weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
-                        schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
-                        monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
-                        threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
-                        freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
-                        feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels, recipe=recipe,
-                        precision=precision, device=device)
-    reporter = Reporter(quiet)
-    summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=reporter)
+        cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                            image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
+                            weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
+                            schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
+                            monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
+                            threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
+                            freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
+                            feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
+                            recipe=recipe, precision=precision, device=device)
+        summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet),
+                               plotter=plotter)
+    finally:
+        plotter.close()
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
         return
     if as_json:

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from . import plots
+from .plot_worker import InlinePlotter
 from .metrics import calibration, most_confused, per_sample_loss
 
 SECTIONS = ("summary", "data", "curves", "metrics", "per-class", "confusion", "confused-pairs", "top-losses",
@@ -57,18 +58,24 @@ def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[
 
 def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.ndarray, paths: list,
                  history: list[dict] | None = None, counts: dict | None = None, title: str = "pixclass run",
-                 run_info: dict | None = None) -> Path:
+                 run_info: dict | None = None, plotter: InlinePlotter | None = None) -> Path:
+    """`plotter`: where the matplotlib figures are drawn (a training run's PlotWorker draws them
+    while this process computes the Grad-CAM gallery); in this process by default."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    plotter = plotter or InlinePlotter()
     classes = art.classes
     cm = metrics["confusion_matrix"]
-    figs = {"confusion": plots.confusion_matrix(cm, classes, out / "confusion_matrix.png"),
-            "confusion_norm": plots.confusion_matrix(cm, classes, out / "confusion_matrix_normalized.png", True)}
     calib = calibration(labels, probs)
-    figs["reliability"] = plots.reliability_diagram(calib["bins"], calib["ece"], out / "reliability.png")
+    figs = {"confusion": plotter.submit(plots.confusion_matrix, cm, classes, out / "confusion_matrix.png"),
+            "confusion_norm": plotter.submit(plots.confusion_matrix, cm, classes,
+                                             out / "confusion_matrix_normalized.png", True),
+            "reliability": plotter.submit(plots.reliability_diagram, calib["bins"], calib["ece"],
+                                          out / "reliability.png")}
     if history:
-        figs["curves"] = plots.training_curves(history, out / "curves.png")
+        figs["curves"] = plotter.submit(plots.training_curves, history, out / "curves.png")
     gallery, worst = _top_losses(art, probs, labels, paths, out)
+    figs = {k: v.get() for k, v in figs.items()}
     pairs = most_confused(cm, classes)
     (out / "calibration.json").write_text(json.dumps(calib, indent=2))
 

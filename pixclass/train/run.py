@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..evaluate import evaluate_split, write_evaluation
 from ..report import write_report
 from ..metrics import classification_metrics
+from ..plot_worker import plotter_for_run
 from ..data.loaders import DecodeAhead, SplitData, default_workers
 from ..models.factory import FAST_NAME, create_model, uses_pretrained
 from ..models.pretrained import known_preprocess, pretrained_preprocess
@@ -48,8 +49,21 @@ def _resume_state(resume: Path):
 
 
 def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = None,
-                 reporter: Reporter | None = None) -> dict:
+                 reporter: Reporter | None = None, plotter=None) -> dict:
+    """`plotter`: where the report's figures are drawn (see plot_worker); the command line starts
+    one before it imports torch, so that its matplotlib import overlaps with ours."""
     dist = distributed.from_env()
+    if plotter is not None:
+        return _run_training(cfg, out, resume, reporter, dist, plotter)
+    plotter = plotter_for_run(enabled=dist.main)
+    try:
+        return _run_training(cfg, out, resume, reporter, dist, plotter)
+    finally:
+        plotter.close()
+
+
+def _run_training(cfg: RunConfig, out: Path | None, resume: Path | None, reporter: Reporter | None, dist,
+                  plotter) -> dict:
     device = distributed.choose_device(cfg.train.device, dist)
     distributed.init(dist, device)
     reporter = reporter or Reporter()
@@ -155,10 +169,11 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         report = write_report(run_dir, art, metrics, *held, history=history, counts=data.counts(),
                               title=f"pixclass run {run_dir.name}",
                               run_info={"data": cfg.data.path, "run folder": str(run_dir),
-                                        "epochs run": len(history), "seconds": round(time.perf_counter() - started, 1)})
+                                        "epochs run": len(history), "seconds": round(time.perf_counter() - started, 1)},
+                              plotter=plotter)
     elif history:  # no held-out split, so no report: the curves on their own
         from ..plots import training_curves
-        training_curves(history, run_dir / "curves.png")
+        plotter.submit(training_curves, history, run_dir / "curves.png").get()
     distributed.shutdown(dist)
     return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
             "epochs_run": len(history), "train_seconds": round(time.perf_counter() - started, 1),
