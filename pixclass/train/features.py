@@ -96,9 +96,10 @@ class _Runner:
         self.frozen = self.frozen.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last
 
-    # ONNX Runtime measured here, two runs of one thread: 261 img/s at batch 4, 227 at 8, 207 at
-    # 16 (smaller batches stay in cache); PyTorch eager channels_last: 158 at 8, 99 at 16, 70 at 32
-    chunk = 4
+    # ONNX Runtime measured here (EfficientNet-Lite0 at 224 px), two concurrent runs of one thread:
+    # 357 img/s at batch 1, 331 at 2, 290 at 4, 227 at 8 (a single image's activations stay in
+    # cache); PyTorch eager channels_last: 158 at 8, 99 at 16, 70 at 32
+    chunk = 1
     pool = None
 
     def close(self) -> None:

@@ -76,8 +76,10 @@ def finetune_epochs(cfg: RunConfig) -> int:
 
 
 @torch.inference_mode()
-def _through(module_fn, split: SplitData, device: torch.device, batch_size: int = 256) -> SplitData:
-    """Apply a frozen function (on the model's device) to every view of every cached feature."""
+def _through(module_fn, split: SplitData, device: torch.device, batch_size: int | None = None) -> SplitData:
+    """Apply a frozen function (on the model's device) to every view of every cached feature.
+    Batches of 32 on a CPU: EfficientNet-Lite0's tail ran 2x faster than at 256 (cache-sized)."""
+    batch_size = batch_size or (32 if device.type == "cpu" else 256)
     n, v = split.images.shape[:2]
     flat = split.images.flatten(0, 1)
     out = torch.cat([module_fn(flat[i:i + batch_size].to(device)).cpu()
