@@ -90,7 +90,7 @@ def train(
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images; --model airbench-wide for a larger network)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),

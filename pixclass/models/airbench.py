@@ -59,6 +59,10 @@ class AirbenchNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x C x H x W -> N x classes (logits)
-        x = nn.functional.gelu(self.whiten(x))
+        # the whitening layer in float32 even under bfloat16 autocast: its filters scale the
+        # differences between neighbouring pixels by up to 1/sqrt(eps) (~45), and bfloat16's 8-bit
+        # mantissa would round those small differences away before they are amplified
+        with torch.autocast(x.device.type, enabled=False):
+            x = nn.functional.gelu(self.whiten(x.float()))
         x = self.pool(self.groups(x)).flatten(1)
         return self.head(x) * self.output_scale

@@ -14,6 +14,8 @@ from . import pretrained as pretrained_weights
 
 SEED_NAMES = ("seed-cnn", "seed_cnn", "seedcnn")
 FAST_NAME = "airbench"  # the network of the fast from-scratch recipe
+# its sizes: airbench94's widths, and airbench95's (2.5x the compute per image)
+FAST_WIDTHS = {FAST_NAME: (64, 256, 256), "airbench-wide": (128, 384, 384)}
 TRANSFER_DROPOUT = 0.2
 
 
@@ -24,7 +26,7 @@ def canonical_name(name: str) -> str:
 def uses_pretrained(name: str, model_cfg=None) -> bool:
     """Pretrained unless switched off; by default only where offline weights ship."""
     name = canonical_name(name)
-    if name in ("seed-cnn", FAST_NAME):
+    if name == "seed-cnn" or name in FAST_WIDTHS:
         return False
     explicit = getattr(model_cfg, "pretrained", None)
     if explicit is not None:
@@ -43,8 +45,8 @@ def architecture(name: str, num_classes: int, in_channels: int, image_size: int,
                           padding=model_cfg.padding, dropout=dropout or 0.0)
         kwargs["image_size"] = image_size
         return {"name": name, "kwargs": kwargs}
-    if name == FAST_NAME:
-        return {"name": name, "kwargs": kwargs}
+    if name in FAST_WIDTHS:
+        return {"name": name, "kwargs": dict(kwargs, widths=list(FAST_WIDTHS[name]))}
     backbone = pretrained_weights.timm_name(name)
     check_timm_name(backbone)
     if uses_pretrained(name, model_cfg):
@@ -70,7 +72,7 @@ def build_model(arch: dict) -> nn.Module:
     if name == "seed-cnn":
         from .seed_cnn import SeedCNN
         return SeedCNN(**kwargs)
-    if name == FAST_NAME:
+    if name in FAST_WIDTHS:
         from .airbench import AirbenchNet
         return AirbenchNet(**kwargs)
     if "backbone" in arch:

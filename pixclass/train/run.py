@@ -23,7 +23,7 @@ from ..report import write_report
 from ..metrics import classification_metrics
 from ..plot_worker import plotter_for_run
 from ..data.loaders import DecodeAhead, SplitData, default_workers
-from ..models.factory import FAST_NAME, create_model, uses_pretrained
+from ..models.factory import FAST_NAME, FAST_WIDTHS, create_model, uses_pretrained
 from ..models.pretrained import known_preprocess, pretrained_preprocess
 from ..progress import Reporter
 from ..runs import new_run_dir
@@ -33,7 +33,6 @@ from .loop import ImageInputs, Trainer
 from .transfer import fit_transfer
 
 SCRATCH_EPOCHS = 10
-FAST_EPOCHS = 10
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -86,11 +85,13 @@ def _run_training(cfg: RunConfig, out: Path | None, resume: Path | None, reporte
     if cfg.model.name == "auto":
         cfg = cfg.replace("model", name=FAST_NAME if fast else DEFAULT_MODEL)
     if fast:
-        if cfg.model.name not in ("seed-cnn", FAST_NAME):
-            raise UserError(f"--recipe fast trains its own network ({FAST_NAME}); drop --model {cfg.model.name}")
+        if cfg.model.name not in ("seed-cnn", *FAST_WIDTHS):
+            raise UserError(f"--recipe fast trains its own network ({' or '.join(FAST_WIDTHS)}); "
+                            f"drop --model {cfg.model.name}")
         if resume is not None:
             raise UserError("--resume is not available for --recipe fast")
-        cfg = cfg.replace("model", name=FAST_NAME)
+        if cfg.model.name == "seed-cnn":
+            cfg = cfg.replace("model", name=FAST_NAME)
     transfer = uses_pretrained(cfg.model.name, cfg.model)
     if transfer and resume is not None:
         raise UserError("--resume is for from-scratch runs; a pretrained run restarts in seconds from its feature cache")
@@ -130,9 +131,10 @@ def _run_training(cfg: RunConfig, out: Path | None, resume: Path | None, reporte
     art = artifact_io.Artifact(model=model, arch=arch, classes=data.classes, preprocess=data.preprocess,
                                config=cfg.to_dict())
     if fast:
-        from .fast import fit_fast
-        result = fit_fast(model, data, cfg.train.epochs or FAST_EPOCHS, cfg.train.seed, cfg.train.precision, run_dir,
-                          reporter)
+        from .fast import fit_fast, hyper_for
+        hyp = hyper_for(cfg.model.name)
+        result = fit_fast(model, data, cfg.train.epochs or hyp.epochs, cfg.train.seed, cfg.train.precision, run_dir,
+                          reporter, hyp)
         history, skipped = result["history"], data.skipped
         timings = {"train_s": result["train_s"], "tta_s": result.get("tta_s")}
         metrics, held = {}, None
