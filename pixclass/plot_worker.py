@@ -8,7 +8,7 @@ and at report time draws the figures while the main process computes the Grad-CA
 Where matplotlib is already imported (a long-lived process, the test suite) the figures are
 drawn in-process: the worker would only cost a process.
 
-The worker is a plain `python -m pixclass.plot_worker` subprocess speaking pickles over its
+The worker is a plain Python subprocess (`plot_worker.main`) speaking pickles over its
 stdin/stdout, not multiprocessing: a spawned multiprocessing child re-runs the parent's main
 script (a user's script without a main guard would train again), and a forked one inherits
 torch's threads. Any failure of the worker falls back to drawing in-process: a figure is never
@@ -64,12 +64,12 @@ class PlotWorker(InlinePlotter):
     """The subprocess: it imports matplotlib as soon as it starts, then draws what it is sent."""
 
     def __init__(self):
-        env = dict(os.environ)
-        # the same pixclass as this process, however it was put on sys.path
+        # the same pixclass as this process, however it was put on sys.path: its folder replaces
+        # the working directory at the head of the worker's path (nothing in the cwd can shadow it)
         package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", "pixclass.plot_worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.path[0] = sys.argv[1]; from pixclass.plot_worker import main; main()",
+             package_root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._sent = 0
         self._replies: dict[int, tuple[bool, object]] = {}
 
@@ -127,9 +127,14 @@ def _serve(requests, replies) -> None:
         replies.flush()
 
 
-if __name__ == "__main__":
-    # replies on a private copy of stdout; anything a library prints goes to stderr instead
+def main() -> None:
+    """The worker's entry: calls from stdin, replies on a private copy of stdout (anything a
+    library prints goes to stderr instead, never into the replies)."""
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     _serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    main()
