@@ -15,7 +15,8 @@ from . import pretrained as pretrained_weights
 SEED_NAMES = ("seed-cnn", "seed_cnn", "seedcnn")
 FAST_NAME = "airbench"  # the network of the fast from-scratch recipe
 # its sizes: airbench94's widths, and airbench95's (2.5x the compute per image)
-FAST_WIDTHS = {FAST_NAME: (64, 256, 256), "airbench-wide": (128, 384, 384)}
+FAST_WIDE_NAME = "airbench-wide"
+FAST_WIDTHS = {FAST_NAME: (64, 256, 256), FAST_WIDE_NAME: (128, 384, 384)}
 TRANSFER_DROPOUT = 0.2
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import Preprocess
+from ..models.factory import FAST_WIDE_NAME
 from ..metrics import cross_entropy
 from ..progress import Reporter
 from .callbacks import HistoryLog
@@ -44,7 +45,7 @@ class FastHyper:
 def hyper_for(network: str) -> FastHyper:
     """airbench94's settings; for the wide network airbench95's changes: learning rate x0.87
     and 15 epochs (95% instead of 94% on the original CIFAR-10, for 3.9x the training compute)."""
-    if network == "airbench-wide":
+    if network == FAST_WIDE_NAME:
         return FastHyper(lr=11.5 * 0.87, epochs=15)
     return FastHyper()
 
@@ -186,7 +187,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
             row["val_loss"] = cross_entropy(data.val.labels.numpy(), probs)
             row["val_accuracy"] = float((probs.argmax(1) == data.val.labels.numpy()).mean())
         history.append(row)
-        log.write(history, plot=epoch == epochs - 1)
+        log.write(history, plot=False)  # run_training draws curves.png, in the report or alone
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                 if v is not None and k not in ("phase",)))
     lookahead.update(1.0)  # finish on the averaged weights

@@ -52,13 +52,13 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     """`plotter`: where the report's figures are drawn (see plot_worker); the command line starts
     one before it imports torch, so that its matplotlib import overlaps with ours."""
     dist = distributed.from_env()
-    if plotter is not None:
-        return _run_training(cfg, out, resume, reporter, dist, plotter)
-    plotter = plotter_for_run(enabled=dist.main)
+    own = plotter is None  # a plotter given by the caller is the caller's to close
+    plotter = plotter or plotter_for_run(enabled=dist.main)
     try:
         return _run_training(cfg, out, resume, reporter, dist, plotter)
     finally:
-        plotter.close()
+        if own:
+            plotter.close()
 
 
 def _run_training(cfg: RunConfig, out: Path | None, resume: Path | None, reporter: Reporter | None, dist,
