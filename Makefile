@@ -20,10 +20,12 @@ demo: install
 	$(BIN)/pixclass demo
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # also the slow tests (CIFAR-10 and other long checks)
 test-all: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m ''
 
 clean:

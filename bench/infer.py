@@ -48,7 +48,7 @@ def main() -> None:
         model, size, channels, name = art.model, art.preprocess.size, art.preprocess.channels, art.arch["name"]
     else:
         from pixclass.config import ModelConfig
-        from pixclass.models.factory import create_model
+        from pixclass.models.registry import create_model
         from pixclass.models.pretrained import pretrained_preprocess
         model, _ = create_model(args.model, args.classes, 3, 224, ModelConfig(name=args.model))
         size = pretrained_preprocess(model.backbone).size if hasattr(model, "backbone") else 224

@@ -35,9 +35,9 @@ def keras_python() -> str:
 def pure_compute_rate(batch_size: int, seconds: float = 20.0) -> float:
     """Images/s of forward + backward + Adam step of the seed CNN on random tensors in memory."""
     import torch
-    from pixclass.models.factory import create_model
+    from pixclass.models.registry import create_model
     torch.set_num_threads(2)
-    model, _ = create_model("seed-cnn", 10, 3, 32)
+    model, _ = create_model("classic-cnn", 10, 3, 32)
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -69,7 +69,7 @@ def main() -> None:
     rows = {}
 
     out_dir = work / "run-scratch"
-    seconds, out = timed(pixclass_cmd("train", data, "--model", "seed-cnn", "--image-size", "32", "--augment", "standard", "--epochs",
+    seconds, out = timed(pixclass_cmd("train", data, "--model", "classic-cnn", "--image-size", "32", "--augment", "standard", "--epochs",
                                       args.epochs, "--batch-size", args.batch_size, "--split", "1,0,0",
                                       "--out", out_dir, "--json", "--quiet"),
                          env={"PIXCLASS_CACHE_DIR": str(work / "cache")})

@@ -1,6 +1,8 @@
 """The one-liner layer: `ImageFolder`, `ImageClassifier`, `load`, in the shape users know from
-Keras and fastai. Everything here is a thin composition of the modules below it; training code is
-imported only when `fit` is called, so loading and predicting stay light."""
+Keras and fastai. `ImageClassifier().fit(ImageFolder(path))` runs the very pipeline `pixclass train
+path` runs (same recipe, same defaults, same run folder); everything else is a thin composition of
+the modules below. Training code is imported only when `fit` is called, so loading and predicting
+stay light."""
 
 from __future__ import annotations
 
@@ -9,40 +11,80 @@ from pathlib import Path
 import numpy as np
 
 from . import artifact as artifact_io
-from .config import AugmentConfig, ModelConfig, TrainConfig
-from .data.dataset import prepare_data
+from .config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data.transforms import Preprocess
 from .errors import UserError
-from .models.factory import create_model
+from .models.registry import create_model
 from .progress import Reporter
 
 
 class ImageFolder:
-    """A class-folder dataset, split and decoded: `.classes`, `.train`, `.val`, `.test`."""
+    """A class-folder dataset and how to read it (split, size, channels, augmentation). `.classes`
+    comes from a scan; `.train`, `.val`, `.test` are decoded on first use, with preprocessing
+    chosen from the data (a pretrained model trained by `fit` uses its own, as `pixclass train` does)."""
 
     def __init__(self, path, image_size: int | None = None, channels: int = 3, augment="standard",
                  split=(0.7, 0.15, 0.15), seed: int = 0, manifest=None, quiet: bool = False):
-        self.path = str(path)
+        self.path, self.seed, self.manifest = str(path), seed, str(manifest) if manifest else None
         self.augment = augment if isinstance(augment, AugmentConfig) else AugmentConfig(policy=augment)
+        self.data_config = DataConfig(path=self.path, image_size=image_size, channels=channels, split=split,
+                                      manifest=self.manifest)
         self.reporter = Reporter(quiet)
-        self._data = prepare_data(path, channels, image_size, split, seed, manifest, reporter=self.reporter)
-        self.classes, self.preprocess = self._data.classes, self._data.preprocess
-        self.train, self.val, self.test = self._data.train, self._data.val, self._data.test
+        self._scanned, self._data = None, None
+
+    @property
+    def classes(self) -> list[str]:
+        if self._scanned is None:
+            from .data.scan import scan_dataset
+            self._scanned = scan_dataset(self.path, self.data_config.split, self.seed, self.manifest)
+        return self._scanned.classes
+
+    def _prepared(self):
+        if self._data is None:
+            from .data.dataset import prepare_data
+            c = self.data_config
+            self._data = prepare_data(self.path, c.channels, c.image_size, c.split, self.seed, self.manifest,
+                                      reporter=self.reporter)
+        return self._data
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self._prepared().preprocess
+
+    @property
+    def train(self):
+        return self._prepared().train
+
+    @property
+    def val(self):
+        return self._prepared().val
+
+    @property
+    def test(self):
+        return self._prepared().test
 
     def counts(self) -> dict:
-        return self._data.counts()
+        return self._prepared().counts()
+
+    def files(self, split: str) -> tuple[list[Path], list[int]]:
+        """(paths, class indices) of one split ("train", "val" or "test"), not decoded."""
+        self.classes  # noqa: B018 (scans on first use)
+        index = {c: i for i, c in enumerate(self._scanned.classes)}
+        samples = self._scanned.split(split)
+        return [s.path for s in samples], [index[s.label] for s in samples]
 
 
 class ImageClassifier:
-    """A model plus everything needed to use it: classes and preprocessing."""
+    """A model plus everything needed to use it: classes and preprocessing. `model="auto"` is what
+    `pixclass train` trains by default."""
 
-    def __init__(self, model: str = "seed-cnn", classes: list[str] | None = None, image_size: int | None = None,
+    def __init__(self, model: str = "auto", classes: list[str] | None = None, image_size: int | None = None,
                  channels: int = 3, preprocess: Preprocess | None = None, **model_options):
         self.model_name, self.classes = model, list(classes) if classes else None
         self.model_cfg = ModelConfig(name=model, **model_options)
         self.preprocess = preprocess or (Preprocess(image_size, channels, (0.5,) * channels, (0.5,) * channels)
                                          if image_size else None)
-        self.model, self.arch, self.history = None, None, []
+        self.model, self.arch, self.history, self.metrics, self.run_dir = None, None, [], {}, None
 
     @classmethod
     def from_artifact(cls, art: artifact_io.Artifact) -> "ImageClassifier":
@@ -57,38 +99,40 @@ class ImageClassifier:
             self.model, self.arch = create_model(self.model_name, len(self.classes), self.preprocess.channels,
                                                  self.preprocess.size, self.model_cfg)
 
-    def fit(self, data: ImageFolder, epochs: int = 10, out=None, quiet: bool = False, **train_options) -> list[dict]:
-        """Train on `data.train`, validating on `data.val`. `train_options` are TrainConfig fields
-        (batch_size, lr, optimizer, schedule, early_stopping, seed...)."""
-        import torch
-
-        from .data.transforms import build_augment
-        from .train.loop import ImageInputs, Trainer
-
-        cfg = TrainConfig(epochs=epochs, **train_options)
-        if self.model is None:
-            self.classes, self.preprocess = data.classes, data.preprocess
-            torch.manual_seed(cfg.seed)
-            self._build()
-        elif list(data.classes) != list(self.classes):
-            raise UserError(f"data classes {data.classes} differ from the model's {self.classes}")
-        trainer = Trainer(self.model, data.train, data.val, cfg, ImageInputs(self.preprocess, build_augment(data.augment)),
-                          Path(out) if out else None, Reporter(quiet))
-        self.history = trainer.fit()
-        trainer.restore_best()
-        self.model.eval()
+    def fit(self, data: ImageFolder, epochs: int | None = None, out=None, quiet: bool = False,
+            **train_options) -> list[dict]:
+        """Train a new model on `data` exactly as `pixclass train` does (the model's recipe, its
+        defaults, a run folder with checkpoints, evaluation and report: `out`, default runs/<name>).
+        `train_options` are TrainConfig fields (recipe, batch_size, lr, optimizer, early_stopping,
+        seed...; seed defaults to the ImageFolder's). Returns the per-epoch history."""
+        from .train.run import run_training
+        train_options.setdefault("seed", data.seed)
+        cfg = RunConfig(data=data.data_config, augment=data.augment, model=self.model_cfg,
+                        train=TrainConfig(epochs=epochs, **train_options))
+        summary = run_training(cfg, out=Path(out) if out else None, reporter=Reporter(quiet))
+        art = artifact_io.load(summary["model_dir"])
+        self.model, self.arch, self.classes, self.preprocess = art.model, art.arch, art.classes, art.preprocess
+        self.model_name, self.metrics, self.run_dir = art.arch["name"], art.metrics, Path(summary["run_dir"])
+        self.history = summary["history"]
         return self.history
 
     def _artifact(self) -> artifact_io.Artifact:
         self._build()
         return artifact_io.Artifact(self.model, self.arch, self.classes, self.preprocess,
-                                    metrics=getattr(self, "metrics", {}))
+                                    metrics=self.metrics)
 
     def evaluate(self, data) -> dict:
-        """Metrics on a split (e.g. `data.test`) or on a labelled folder."""
+        """Metrics on an ImageFolder's held-out split (test, else val), on a labelled folder, or on
+        a split decoded with this model's preprocessing."""
         from .evaluate import evaluate_folder, evaluate_split
         if isinstance(data, (str, Path)):
             return evaluate_folder(self._artifact(), data)[0]
+        if isinstance(data, ImageFolder):
+            from .data.loaders import load_split
+            paths, labels = data.files("test")
+            if not paths:
+                paths, labels = data.files("val")
+            data, _ = load_split(paths, labels, self.preprocess, data.reporter, what="loading held-out images")
         metrics, _ = evaluate_split(self._artifact(), data)
         return metrics
 

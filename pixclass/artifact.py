@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data.transforms import Preprocess
-from .errors import UserError
-from .models.factory import build_model
+from .errors import UserError, first_line
+from .models.registry import build_model
 
 FORMAT = "pixclass-artifact/1"
 WEIGHTS_FILE, META_FILE = "model.safetensors", "pixclass.json"
@@ -43,7 +43,7 @@ class Artifact:
 
 def library_versions() -> dict:
     # from the installed metadata: importing timm (and with it torchvision) just to read a
-    # version costs a seed-CNN run about 1.3 s
+    # version would add seconds to a classic-CNN run
     from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
@@ -95,16 +95,16 @@ def load(folder) -> Artifact:
     except UserError:
         raise
     except Exception as e:  # a hand-edited or foreign JSON: name what is wrong, no traceback
-        raise UserError(f"{meta_path}: incomplete or invalid model description ({type(e).__name__}: {e})") from None
+        raise UserError(f"{meta_path}: incomplete or invalid model description ({type(e).__name__}: {first_line(e)})") from None
     try:
         state = load_file(str(weights_path))
     except Exception as e:
-        raise UserError(f"{weights_path} is not a valid safetensors file ({e})") from None
+        raise UserError(f"{weights_path} is not a valid safetensors file ({first_line(e)})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{weights_path} does not fit the architecture in {META_FILE}: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     model.eval()
     return Artifact(model=model, arch=meta["arch"], classes=classes, preprocess=preprocess,
                     config=meta.get("config", {}), metrics=meta.get("metrics", {}), versions=meta.get("versions", {}))

@@ -61,8 +61,8 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
 def train(
     data: Optional[Path] = typer.Argument(None, help="Class folders, or a folder with train/ [val/] [test/]."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="efficientnet_lite0 (default: ImageNet-pretrained, "
-                                        "offline, fine-tuned), efficientnet_lite1/2, seed-cnn (the guide's CNN from "
-                                        "scratch) or any timm architecture name."),
+                                        "offline, fine-tuned), efficientnet_lite1/2, classic-cnn (a small CNN from "
+                                        "scratch), airbench or any timm architecture name."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
@@ -90,7 +90,8 @@ def train(
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="standard | fast (airbench-style, small images; --model airbench-wide for a larger network)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (the model's own) | scratch | transfer | fast "
+                                         "(airbench-style, small images; --model airbench-wide for a larger network)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
@@ -104,26 +105,19 @@ def train(
     import os
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
-    from .plot_worker import plotter_for_run
-    # before torch is imported: the report's figure worker imports matplotlib meanwhile (one rank draws)
-    plotter = plotter_for_run(enabled=os.environ.get("RANK", "0") == "0")
-    try:
-        from .progress import Reporter
-        from .train.run import run_training
+    from .progress import Reporter
+    from .train.run import run_training
 
-        cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
-                            image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
-                            weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
-                            schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
-                            monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
-                            threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
-                            freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
-                            feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
-                            recipe=recipe, precision=precision, device=device)
-        summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet),
-                               plotter=plotter)
-    finally:
-        plotter.close()
+    cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+                        image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
+                        weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
+                        schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
+                        monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
+                        threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
+                        freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
+                        feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
+                        recipe=recipe, precision=precision, device=device)
+    summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet))
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
         return
     if as_json:
@@ -265,7 +259,7 @@ def _print_predictions(results: list[dict]) -> None:
 
 @app.command()
 def summary(
-    model: str = typer.Argument(..., help="seed-cnn, a timm architecture name, or a saved model folder."),
+    model: str = typer.Argument(..., help="classic-cnn, airbench, a timm architecture name, or a saved model folder."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Default: the pretrained size, else 224."),
     classes: int = typer.Option(10, "--classes", min=2),
     channels: int = typer.Option(3, "--channels"),
@@ -274,27 +268,30 @@ def summary(
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained"),
 ):
     """Show the layers, output shapes and parameter counts (frozen vs trainable) of a model."""
+    from .models.registry import family_for, family_of
     from .models.summary import model_summary
 
     if Path(model).is_dir():
         from . import artifact as artifact_io
         art = artifact_io.load(model)
-        net, channels, image_size = art.model, art.preprocess.channels, art.preprocess.size
+        net, family = art.model, family_of(art.arch)
+        channels, image_size = art.preprocess.channels, art.preprocess.size
     else:
         from .config import ModelConfig
-        from .models.factory import create_model
+        from .models.registry import create_model
         if channels not in (1, 3):
             raise UserError(f"--channels must be 1 or 3 (got {channels})")
-        net, _ = create_model(model, classes, channels, image_size or 224, ModelConfig(name=model, pretrained=pretrained))
-        if image_size is None and hasattr(net, "backbone"):
-            from .models.pretrained import pretrained_preprocess
-            image_size = pretrained_preprocess(net.backbone, channels).size
-        image_size = image_size or 224
+        model_cfg = ModelConfig(name=model, pretrained=pretrained)
+        net, _ = create_model(model, classes, channels, image_size or 224, model_cfg)
+        family = family_for(model, model_cfg)
+        if image_size is None:
+            own = family.preprocess(net, channels, None)
+            image_size = own.size if own is not None else 224
     if freeze:
-        backbone = getattr(net, "backbone", None)
-        if backbone is None:
+        frozen = family.frozen_part(net)
+        if frozen is None:
             raise UserError("--freeze needs a pretrained backbone (e.g. efficientnet_lite0)")
-        for p in backbone.parameters():
+        for p in frozen.parameters():
             p.requires_grad_(False)
     typer.echo(model_summary(net, channels, image_size, depth))
 
@@ -462,7 +459,7 @@ def demo(
     epochs: int = typer.Option(15, "--epochs", "-e"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Train the seed CNN on scikit-learn's bundled handwritten digits (no download needed)."""
+    """Train the classic CNN on scikit-learn's bundled handwritten digits (no download needed)."""
     from .demo import run_demo
     run_demo(out, epochs, quiet)
 
@@ -490,8 +487,8 @@ def main(argv=None) -> None:
 def run() -> None:
     """The console entry point: main(), then an immediate exit once the exit handlers have run
     and the output is flushed. Tearing down the interpreter after torch, timm and torchvision
-    are imported costs 1.3-2 s here (module and object finalization: measured 13.7 s -> 11.8 s
-    for a transfer run) and writes nothing: every file is closed by then."""
+    are imported (module and object finalization) takes seconds and writes nothing: every file is
+    closed by then (the cost: bench/RESULTS.md, "Speed tricks")."""
     try:
         main()
         code = 0

@@ -26,7 +26,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The guide's augmentation (Keras ImageDataGenerator meaning), applied to whole batches.
+    """Keras ImageDataGenerator-style augmentation (the same parameter meanings), applied to whole batches.
 
     rotation: degrees, uniform in [-rotation, rotation]; width_shift/height_shift: fraction of the
     image size; shear: shear factor (x' = x + s*y), 0.2 is about 11 degrees; zoom: scale factors
@@ -86,15 +86,15 @@ DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains: pretrained offline, 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "auto": DEFAULT_MODEL, or the fast recipe's own network with recipe "fast"; "seed-cnn": the
-    # guide's CNN from scratch; or any timm architecture name
+    # "auto": DEFAULT_MODEL, or the fast recipe's own network with recipe "fast"; "classic-cnn"
+    # (alias "seed-cnn"): the classic small CNN from scratch; "airbench"; or any timm architecture name
     name: str = "auto"
-    # seed-cnn only (the guide's network); ignored by timm models
+    # classic-cnn only; ignored by other models
     filters: tuple[int, ...] = (32, 64, 128)
     kernel_size: int = 3
     dense: int = 256
     padding: str = "valid"
-    dropout: float | None = None  # None: 0 for seed-cnn, 0.2 in the head of a pretrained backbone
+    dropout: float | None = None  # None: 0 for classic-cnn, 0.2 in the head of a pretrained backbone
     # pretrained backbones: None means "yes" where offline weights ship (efficientnet_lite*)
     pretrained: bool | None = None
     weights: str | None = None  # a .safetensors / .pth state dict to start from
@@ -129,7 +129,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     checkpoint_interval: float = 10.0  # seconds between checkpoints (also mid-epoch); 0: after every step
-    recipe: str = "standard"  # "fast": airbench-style from-scratch training for small images
+    # "auto": the model family's own (transfer for pretrained backbones, fast for airbench, scratch
+    # otherwise); or "scratch", "transfer", "fast" (airbench-style training for small images)
+    recipe: str = "auto"
     # "auto": mixed precision on GPUs (bf16 where supported, else fp16 with loss scaling); on a CPU
     # float32, except the fast recipe's bf16 where the CPU has AVX-512 BF16. Or "fp32", "bf16", "fp16"
     precision: str = "auto"
@@ -162,7 +164,7 @@ class TrainConfig:
         _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
-        _check_choice("recipe", self.recipe, ("standard", "fast"))
+        _check_choice("recipe", self.recipe, ("auto", "standard", "scratch", "transfer", "fast"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
                (self.device.startswith("cuda:") and self.device[5:].isdigit()),

@@ -19,8 +19,8 @@ def run_demo(out: Path, epochs: int = 15, quiet: bool = False) -> dict:
     data_dir = write_digits(out.parent / f"{out.name}-digits")
     reporter.info(f"wrote scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) to {data_dir}")
     # Digits must not be mirrored or turned far, so the demo trains without augmentation; the
-    # 8x8 images are enlarged to 32x32, the smallest size the guide's three conv blocks accept.
-    cfg = RunConfig(data=DataConfig(path=str(data_dir), image_size=32, channels=1), model=ModelConfig(name="seed-cnn"),
+    # 8x8 images are enlarged to 32x32, the smallest size the classic CNN's three conv blocks accept.
+    cfg = RunConfig(data=DataConfig(path=str(data_dir), image_size=32, channels=1), model=ModelConfig(name="classic-cnn"),
                     augment=AugmentConfig(policy="none"), train=TrainConfig(epochs=epochs, batch_size=32, seed=0))
     if out.exists():
         import shutil

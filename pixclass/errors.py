@@ -24,3 +24,12 @@ class ImageDecodeError(Exception):
         self.reason = reason
         self.kind = kind
         super().__init__(f"{self.path}: {reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type's name: for one-line
+    messages built from errors raised by libraries."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

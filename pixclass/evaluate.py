@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .data.loaders import load_split
 from .data.scan import read_manifest, scan_class_folders
 from .errors import DatasetError
-from .inference import predict_batches
+from .inference import TorchBackend, predict_batches
 from .metrics import classification_metrics
 from .progress import Reporter
 
@@ -64,7 +64,7 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
 
 def evaluate_split(art: Artifact, split, batch_size: int = 256) -> tuple[dict, object]:
     """Metrics for an in-memory split; also returns the probabilities (N x K, split order)."""
-    probs, labels, _ = predict_batches(art.model, split.batches(batch_size), art.preprocess)
+    probs, labels, _ = predict_batches(TorchBackend(art.model, art.classes, art.preprocess), split.batches(batch_size))
     if len(labels) == 0:
         raise DatasetError("no readable images to evaluate")
     return classification_metrics(labels, probs, art.classes), probs

@@ -27,29 +27,12 @@ def _cam_class(method: str):
             "layercam": LayerCAM}[method]  # Explainer has checked the name
 
 
-def default_target_layer(model: nn.Module) -> nn.Module:
-    """The last convolutional stage: where spatial detail and class evidence meet."""
-    from .models.airbench import AirbenchNet
-    from .models.seed_cnn import SeedCNN
-    from .models.transfer import TransferModel, backbone_units
-    if isinstance(model, SeedCNN):
-        return [m for m in model.features if isinstance(m, nn.ReLU)][-1]
-    if isinstance(model, AirbenchNet):
-        return model.groups[-1]
-    if isinstance(model, TransferModel) and model.units is not None:
-        return model.units[-1]
-    units = backbone_units(model)
-    if units:
-        return units[-1]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise UserError("no convolutional layer found; pass --layer NAME")
-    return convs[-1]
-
-
-def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+def find_layer(model: nn.Module, name: str | None, arch: dict | None = None) -> nn.Module:
+    """The named layer; without a name, the layer the model's family chooses for Grad-CAM (its last
+    convolutional stage: where spatial detail and class evidence meet)."""
     if name is None:
-        return default_target_layer(model)
+        from .models.registry import family_of, last_conv
+        return family_of(arch).gradcam_layer(model) if arch is not None else last_conv(model)
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -110,7 +93,7 @@ class Explainer:
             # pytorch-grad-cam takes gradients through the weights' graph; pixclass's Grad-CAM
             # starts its graph at the layer (weights never change here either way)
             p.requires_grad_(method != "gradcam")
-        self.layer = find_layer(self.model, layer)
+        self.layer = find_layer(self.model, layer, art.arch)
         if method == "gradcam":
             self.cam = GradCAM(self.model, self.layer)
         else:
@@ -255,7 +238,7 @@ def filter_grid(model: nn.Module, layer: str | None = None):
 def feature_maps(art, image, layer: str | None = None, limit: int = 64):
     """(activations C x H x W of one image at a layer, Figure of up to `limit` channels)."""
     model = art.model.eval()
-    target = find_layer(model, layer)
+    target = find_layer(model, layer, art.arch)
     captured = {}
     handle = target.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o.detach()))
     try:

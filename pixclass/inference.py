@@ -1,24 +1,34 @@
-"""Run a model over batches of uint8 images and collect probabilities; shared by validation during
-training, evaluation and prediction so they can never disagree."""
+"""Placeholder of the backends API (replaced by the inference-backend branch on merge)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .data.transforms import Preprocess, batch_to_input
+from .data.transforms import batch_to_input
 
 
-@torch.inference_mode()
-def predict_batches(model: torch.nn.Module, batches, pre: Preprocess):
-    """batches yields (uint8 images, labels, indices). Returns (probs N x K, labels N, indices N)."""
-    model.eval()
+def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, classes, preprocess):
+        self.model, self.classes, self.preprocess = model.eval(), list(classes), preprocess
+
+    def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return softmax_probabilities(self.model(batch_to_input(batch, self.preprocess)))
+
+
+def predict_batches(backend, batches):
     probs, labels, indices = [], [], []
     for images, y, idx in batches:
-        logits = model(batch_to_input(images, pre))
-        probs.append(torch.softmax(logits.float(), dim=1))
-        labels.append(y)
-        indices.append(idx)
+        probs.append(backend.probabilities_uint8(images))
+        labels.append(np.asarray(y))
+        indices.append(np.asarray(idx))
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(indices)

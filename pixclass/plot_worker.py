@@ -1,10 +1,11 @@
 """Figures drawn by a helper process that has imported matplotlib before they are needed.
 
 Why: a training run's report draws four matplotlib figures at the very end. In a fresh process
-that costs ~0.4 s of importing matplotlib plus ~0.3 s of drawing, all on one core: a tenth of a
-whole transfer-learning run on two cores. A run therefore starts this worker at its beginning:
-the worker imports matplotlib on the core the main process leaves idle while it imports timm,
-and at report time draws the figures while the main process computes the Grad-CAM gallery.
+importing matplotlib and drawing them takes a visible share of a short transfer-learning run, all
+on one core (bench/RESULTS.md, "Speed tricks"). So `run_training` starts this worker, its one
+entry point, at the beginning of a run: the worker imports matplotlib on the core the main process
+leaves idle while it imports timm, and at report time draws the figures while the main process
+computes the Grad-CAM gallery.
 Where matplotlib is already imported (a long-lived process, the test suite) the figures are
 drawn in-process: the worker would only cost a process.
 

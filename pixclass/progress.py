@@ -12,6 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, for code that has no Reporter at hand; never silenced."""
+    console.print(Text("warning: ", style="yellow") + Text(message))
+
+
 class Reporter:
     """Where long work reports to. `quiet` silences bars and info lines, never warnings."""
 
@@ -23,7 +28,7 @@ class Reporter:
             console.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        console.print(Text("warning: ", style="yellow") + Text(message))
+        warn(message)
 
     @contextmanager
     def bar(self, description: str, total: int, stats: bool = False):

@@ -16,7 +16,7 @@ def test_artifact_is_safetensors_plus_json(trained_run):
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.safetensors", "pixclass.json"]
     meta = json.loads((model_dir / "pixclass.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"]
-    assert meta["arch"]["name"] == "seed-cnn"
+    assert meta["arch"]["name"] == "classic-cnn"
     assert meta["preprocess"]["size"] == 32 and len(meta["preprocess"]["mean"]) == 3
     assert {"torch", "pixclass", "timm"} <= set(meta["versions"])
     assert "accuracy" in meta["metrics"] and meta["config"]["train"]["epochs"] == 12

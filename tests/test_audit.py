@@ -99,7 +99,7 @@ def test_audit_names_every_problem_and_leaves_the_tree_alone(messy, tmp_path):
 def test_training_on_the_messy_tree_skips_exactly_the_bad_files(messy, tmp_path):
     root, planted = messy
     before = tree_hashes(root)
-    proc = run_cli("train", root, "--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--out", tmp_path / "run", "--json", "-q")
+    proc = run_cli("train", root, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", tmp_path / "run", "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     skipped = {Path(p) for p in json.loads(proc.stdout)["skipped_files"]}
     assert skipped == {p for p in planted["unreadable"] if p.suffix != ".txt"}  # .txt is never an image candidate

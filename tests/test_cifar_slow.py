@@ -18,7 +18,7 @@ ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10
 def test_seed_cnn_cifar10_15_epochs(tmp_path):
     with tarfile.open(ARCHIVE) as tar:
         tar.extractall(tmp_path, filter="data")
-    proc = run_cli("train", tmp_path / "cifar10", "--model", "seed-cnn", "--image-size", "32", "--augment", "standard", "--epochs", "15",
+    proc = run_cli("train", tmp_path / "cifar10", "--model", "classic-cnn", "--image-size", "32", "--augment", "standard", "--epochs", "15",
                    "--out", tmp_path / "run", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["metrics"]["accuracy"] >= 0.65

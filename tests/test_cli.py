@@ -14,11 +14,11 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=20)
     (data / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "run"
-    proc = run_cli("train", data, "--model", "seed-cnn", "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--out", out, "--json")
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--out", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["run_dir"] == str(out) and Path(summary["model_dir"]).is_dir()
-    assert 0 <= summary["metrics"]["accuracy"] <= 1 and summary["metrics"]["split"] == "test"
+    assert summary["metrics"]["split"] == "test" and summary["metrics"]["n"] == 9
     assert summary["skipped_files"] == [str(data / "square" / "broken.jpg")]
     assert "broken.jpg" in proc.stderr  # listed in a warning
     assert "epoch 2/2" in proc.stderr  # progress goes to stderr
@@ -27,7 +27,9 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads(proc.stdout)
     assert "test split" in proc.stderr  # evaluated on the run's held-out test split, not on training images
-    assert metrics["n"] == 9 and 0 <= metrics["accuracy"] <= 1 and "top3_accuracy" in metrics
+    # the same model on the same split: what the run reported
+    assert metrics["n"] == 9 and metrics["accuracy"] == pytest.approx(summary["metrics"]["accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(summary["metrics"]["loss"], rel=1e-4) and "top3_accuracy" in metrics
     assert [r["class"] for r in metrics["per_class"]] == ["circle", "square", "triangle"]
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file() and (tmp_path / "eval" / "confusion_matrix.json").is_file()
 
@@ -44,12 +46,12 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
 def test_rerun_with_same_out_keeps_the_split(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=10)
     out = tmp_path / "run"
-    assert run_cli("train", data, "--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q").returncode == 0
+    assert run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q").returncode == 0
     first = (out / "manifest.csv").read_text()
     make_shapes(tmp_path / "more", per_class=3, seed=9)
     for f in (tmp_path / "more" / "circle").iterdir():
         f.rename(data / "circle" / f"extra_{f.name}")
-    proc = run_cli("train", data, "--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q", "--seed", "5")
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q", "--seed", "5")
     assert proc.returncode == 0, proc.stderr
     second = set((out / "manifest.csv").read_text().splitlines())
     assert set(first.splitlines()) <= second and len(second) == len(first.splitlines()) + 3
@@ -57,7 +59,7 @@ def test_rerun_with_same_out_keeps_the_split(tmp_path):
 
 def test_config_file_from_a_run_is_reusable(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=8)
-    assert run_cli("train", data, "--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--lr", "0.002", "--out", tmp_path / "a", "-q").returncode == 0
+    assert run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--lr", "0.002", "--out", tmp_path / "a", "-q").returncode == 0
     proc = run_cli("train", "--config", tmp_path / "a" / "config.yaml", "--out", tmp_path / "b", "-q", "--json")
     assert proc.returncode == 0, proc.stderr
     import yaml
@@ -66,7 +68,7 @@ def test_config_file_from_a_run_is_reusable(tmp_path):
 
 
 def test_summary_command():
-    proc = run_cli("summary", "seed-cnn", "--image-size", "224", "--classes", "2")
+    proc = run_cli("summary", "classic-cnn", "--image-size", "224", "--classes", "2")
     assert proc.returncode == 0, proc.stderr
     assert "Conv2d" in proc.stdout and "Total params" in proc.stdout
 
@@ -90,7 +92,7 @@ BAD_INPUTS = {
     "bad augment": (lambda p: make_shapes(p, 4), ["--augment", "heavy"], "augment must be one of none, standard"),
     "bad config file": (lambda p: (make_shapes(p, 4), (p.parent / "c.yaml").write_text("train:\n  epochs: -3\n")),
                         ["--config", "{parent}/c.yaml"], "epochs must be >= 0"),
-    "image too small": (lambda p: make_shapes(p, 4), ["--model", "seed-cnn", "--image-size", "16"], "too small for seed-cnn"),
+    "image too small": (lambda p: make_shapes(p, 4), ["--model", "classic-cnn", "--image-size", "16"], "too small for classic-cnn"),
 }
 
 
@@ -100,7 +102,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case):
     data = tmp_path / "data"
     setup(data)
     extra = [a.replace("{parent}", str(tmp_path)) for a in extra]
-    proc = run_cli("train", data, "--model", "seed-cnn", "--epochs", "1", "--out", tmp_path / "run", "-q", *extra)
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--out", tmp_path / "run", "-q", *extra)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -26,7 +26,7 @@ def test_two_gloo_processes_match_one_process(cifar_2000, tmp_path):
     # Two processes sum the batch in another order than one, so the weights differ by float noise
     # (1e-8 after a step). A gentle optimizer keeps it there; Adam at 1e-3 or SGD at 0.05 amplify it
     # over the epoch's 32 steps to ~1e-3 (measured), as any chaotic training would.
-    args = ["train", cifar_2000, "--model", "seed-cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "64", "--augment", "standard",
+    args = ["train", cifar_2000, "--model", "classic-cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "64", "--augment", "standard",
             "--optimizer", "sgd", "--lr", "0.01",
             "--split", "1,0,0", "--seed", "7", "-q"]
     one = run_cli(*args, "--out", tmp_path / "one", "--threads", "1")
@@ -107,7 +107,7 @@ def test_device_and_precision_choices(monkeypatch):
 
 
 def test_bf16_autocast_trains_on_the_cpu(shapes, tmp_path):
-    proc = run_cli("train", shapes, "--model", "seed-cnn", "--image-size", "32", "--epochs", "2", "--precision", "bf16",
+    proc = run_cli("train", shapes, "--model", "classic-cnn", "--image-size", "32", "--epochs", "2", "--precision", "bf16",
                    "--device", "cpu", "--out", tmp_path / "r", "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     import json

@@ -22,7 +22,7 @@ def cifar_subset(cifar_train_400, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar_model(cifar_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    proc = run_cli("train", cifar_subset, "--model", "seed-cnn", "--image-size", "48", "--epochs", "8", "--augment", "none", "--out", out,
+    proc = run_cli("train", cifar_subset, "--model", "classic-cnn", "--image-size", "48", "--epochs", "8", "--augment", "none", "--out", out,
                    "-q", "--json")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
@@ -81,15 +81,15 @@ def test_own_gradcam_equals_pytorch_grad_cam(trained_run, shapes_session):
     from pytorch_grad_cam import GradCAM as LibraryGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from pixclass import load
-    from pixclass.explain import GradCAM, default_target_layer
-    from pixclass.models.factory import create_model
+    from pixclass import artifact
+    from pixclass.explain import GradCAM
+    from pixclass.models.registry import create_model, family_of
 
-    seed = load(trained_run["model_dir"])._artifact().model.eval()
-    lite0, _ = create_model("efficientnet_lite0", 3)
+    classic = artifact.load(trained_run["model_dir"])
+    lite0, lite0_arch = create_model("efficientnet_lite0", 3)
     torch.manual_seed(0)
-    for model, size in ((seed, 32), (lite0.eval(), 224)):
-        layer = default_target_layer(model)
+    for model, arch, size in ((classic.model.eval(), classic.arch, 32), (lite0.eval(), lite0_arch, 224)):
+        layer = family_of(arch).gradcam_layer(model)
         x = torch.randn(3, 3, size, size)
         for p in model.parameters():
             p.requires_grad_(False)  # as Explainer leaves them for pixclass's Grad-CAM

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import make_shapes, run_cli
@@ -47,7 +48,7 @@ def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     m = summary["metrics"]
-    assert m["tta"] is True and 0 <= m["accuracy_without_tta"] <= 1 and m["accuracy"] > 0.5
+    assert m["tta"] is True and m["accuracy"] > 0.5 and m["accuracy_without_tta"] > 0.4
     meta = json.loads((tmp_path / "r" / "model" / "pixclass.json").read_text())
     assert meta["arch"]["name"] == "airbench"
     pred = run_cli("predict", tmp_path / "r" / "model", data / "circle", "--json")
@@ -55,8 +56,8 @@ def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
 
 
 def test_wide_network_has_airbench95_sizes_and_rebuilds_from_its_arch():
-    from pixclass.models.factory import build_model, create_model
-    from pixclass.train.fast import hyper_for
+    from pixclass.models.registry import build_model, create_model
+    from pixclass.train.recipes.fast import hyper_for
     _, arch = create_model("airbench-wide", 10, 3, 32)
     rebuilt = build_model(arch)
     assert [group[0].out_channels for group in rebuilt.groups] == [128, 384, 384]
@@ -74,7 +75,7 @@ def test_fast_recipe_rejects_another_model(tmp_path):
 def test_decoded_images_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))  # empty: nothing decoded before
     data = make_shapes(tmp_path / "shapes", per_class=10)
-    args = ["--model", "seed-cnn", "--epochs", "1", "--image-size", "32", "--augment", "none"]
+    args = ["--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--augment", "none"]
     first = run_cli("train", data, *args, "--out", tmp_path / "a")
     assert first.returncode == 0 and "from the cache" not in first.stderr
     second = run_cli("train", data, *args, "--out", tmp_path / "b")
@@ -86,3 +87,24 @@ def test_decoded_images_are_cached_by_content(tmp_path, monkeypatch):
     assert third.returncode == 0
     # the split holding the changed file is decoded again; the others still come from the cache
     assert third.stderr.count("decoded images from the cache") == second.stderr.count("decoded images from the cache") - 1
+
+
+@pytest.mark.ddp
+def test_fast_recipe_under_two_processes_trains_once(tmp_path):
+    """The fast recipe is single-process: under --nproc 2 rank 0 trains and writes, rank 1 leaves
+    at once, and one summary is printed."""
+    import os
+    import subprocess
+    import sys
+    data = make_shapes(tmp_path / "shapes", per_class=12)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "pixclass", "train", str(data), "--recipe", "fast", "--epochs", "2",
+                           "--image-size", "32", "--out", str(tmp_path / "runs" / "r"), "--nproc", "2", "--json", "-q"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)  # exactly one JSON document: one summary
+    assert summary["recipe"] == "fast" and summary["epochs_run"] == 2
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["r"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "r" / "model").iterdir()) == ["model.safetensors",
+                                                                                    "pixclass.json"]
+    assert len((tmp_path / "runs" / "r" / "metrics.csv").read_text().splitlines()) == 3

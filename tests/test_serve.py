@@ -43,7 +43,7 @@ def test_predict_one_and_several(client, shapes_session):
     r = client.post("/v1/predict?k=2", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "seed-cnn" and len(body["version"]) == 12
+    assert body["model"] == "classic-cnn" and len(body["version"]) == 12
     assert [p["filename"] for p in body["predictions"]] == [f[1][0] for f in files]
     assert all(len(p["top_k"]) == 2 for p in body["predictions"])
 

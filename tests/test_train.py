@@ -10,7 +10,7 @@ from pixclass.train.run import run_training
 
 
 def _cfg(path, **train):
-    return RunConfig(data=DataConfig(path=str(path), image_size=32), model=ModelConfig(name="seed-cnn"),
+    return RunConfig(data=DataConfig(path=str(path), image_size=32), model=ModelConfig(name="classic-cnn"),
                      augment=AugmentConfig(policy="standard"),
                      train=TrainConfig(**{"epochs": 3, "batch_size": 16, **train}))
 

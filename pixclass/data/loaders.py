@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import DatasetError, ImageDecodeError
+from ..errors import DatasetError, ImageDecodeError, first_line
 from ..progress import Reporter
 from .decode import decode_image, read_size
 from .transforms import Preprocess, image_to_uint8
@@ -49,7 +49,7 @@ class DecodeAhead:
     """Batches of DecodedImages items [(index, image or None, reason)], decoded by worker
     processes that start the moment this is made and run up to `max_bytes` of images ahead of the
     consumer, so decoding overlaps with whatever the main process does meanwhile (importing timm
-    and building a pretrained model take ~1.5 s of one core while the other would idle).
+    and building a pretrained model keep one core busy for seconds while the other would idle).
     Fewer than `min_files_for_workers` files are decoded in the consumer's process instead: not
     worth the workers."""
 
@@ -170,8 +170,8 @@ def _cached_decode(paths: list[Path], pre: Preprocess, reporter: Reporter, what:
                 images, idx = f.get_tensor("images"), f.get_tensor("index")
             reporter.info(f"{what}: {len(paths)} decoded images from the cache")
             return images, idx, failures
-        except Exception:  # damaged: decode again
-            pass
+        except Exception as e:  # damaged: decode again
+            reporter.warn(f"damaged decoded-image cache {path} ({first_line(e)}); decoding again")
     images, idx, failures = decode_all(paths, pre, reporter, what)
     try:
         from safetensors.torch import save_file

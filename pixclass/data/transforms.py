@@ -102,7 +102,7 @@ def _uniform(n: int, low: float, high: float, g) -> torch.Tensor:
 
 
 class BatchAugment:
-    """The guide's augmentation applied to a whole batch at once: one affine grid per image
+    """Keras-style augmentation (AugmentConfig) applied to a whole batch at once: one affine grid per image
     (rotation, shift, shear, zoom, flips) sampled in a single `grid_sample`, then brightness and
     contrast jitter. Works on float images in [0, 1]."""
 

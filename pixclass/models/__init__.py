@@ -1,1 +1,1 @@
-"""Model factory: the guide's seed CNN and any timm architecture."""
+"""Networks, one file per model family, found through registry.py."""

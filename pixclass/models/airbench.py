@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .registry import ModelFamily
+
 
 def _bn(width: int) -> nn.BatchNorm2d:
     # airbench's BatchNorm: running stats follow the batches quickly (0.6 keep), no learned scale
@@ -66,3 +68,30 @@ class AirbenchNet(nn.Module):
             x = nn.functional.gelu(self.whiten(x.float()))
         x = self.pool(self.groups(x)).flatten(1)
         return self.head(x) * self.output_scale
+
+
+class AirbenchFamily(ModelFamily):
+    """airbench94's widths, and airbench95's (2.5x the compute per image) as `airbench-wide`."""
+
+    WIDTHS = {"airbench": (64, 256, 256), "airbench-wide": (128, 384, 384)}
+    names = tuple(WIDTHS)
+    description = "the fast recipe's network for small images, trained from scratch"
+
+    def canonical(self, name: str) -> str:
+        return name.lower()
+
+    def architecture(self, name, num_classes, in_channels, image_size, model_cfg=None) -> dict:
+        return {"name": name, "kwargs": {"num_classes": num_classes, "in_channels": in_channels,
+                                         "widths": list(self.WIDTHS[name])}}
+
+    def build(self, arch: dict) -> nn.Module:
+        return AirbenchNet(**arch["kwargs"])
+
+    def gradcam_layer(self, model: nn.Module) -> nn.Module:
+        return model.groups[-1]
+
+    def default_recipe(self, name: str, model_cfg=None) -> str:
+        return "fast"
+
+
+FAMILY = AirbenchFamily()

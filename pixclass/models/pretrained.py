@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 # user-facing name -> (timm architecture, weights package, class exposing get_model_file_path)
 OFFLINE_WEIGHTS = {
@@ -74,9 +74,8 @@ def download_pretrained(name: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # offline, not cached, no pretrained tag...: all the user's to fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot get pretrained weights for {name} ({first[:160]}); connect once so timm can cache "
-                        f"them, or pass --weights FILE (.safetensors or .pth state dict)") from None
+        raise UserError(f"cannot get pretrained weights for {name} ({first_line(e)[:160]}); connect once so timm can "
+                        f"cache them, or pass --weights FILE (.safetensors or .pth state dict)") from None
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -91,7 +90,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read weights from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"cannot read weights from {path}: {first_line(e)}") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -157,7 +156,7 @@ def load_backbone(backbone: nn.Module, name: str, in_channels: int = 3) -> None:
 
 # timm's pretrained data config of tf_efficientnet_lite{0,1,2}: (input size, crop_pct), bicubic,
 # mean = std = 0.5. Known here without importing timm, so a run can start decoding its images
-# while timm is still importing (~1.3 s of one core); tests/test_transfer.py checks them against
+# while timm is still importing (seconds of one core); tests/test_transfer.py checks them against
 # timm's own config.
 OFFLINE_DATA_CONFIG = {
     name: {"input_size": (3, size, size), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),

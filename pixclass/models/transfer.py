@@ -1,5 +1,5 @@
-"""A pretrained timm backbone with the guide's head: GlobalAveragePooling -> Dense 256 ReLU ->
-Dropout -> Dense classes.
+"""A pretrained timm backbone with a small classification head: GlobalAveragePooling -> Dense 256
+ReLU -> Dropout -> Dense classes (the Keras transfer-learning tutorials' head).
 
 The backbone is also seen as a chain of units (stem, stages, final conv...) whose sequential
 application equals `forward_features`. That lets training freeze the first units, compute their
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import pretrained as pretrained_weights
+from .registry import ModelFamily
 
 # containers whose children are the stages to split at (timm's EfficientNet/MobileNet `blocks`,
 # ConvNeXt/RegNet `stages`, ...); everything else at the top level is one unit
@@ -23,7 +26,7 @@ class TransferModel(nn.Module):
         import timm
         self.backbone_name = timm_name
         self.backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_channels)
-        self.head = guide_head(self.backbone.num_features, num_classes, hidden, dropout)
+        self.head = classification_head(self.backbone.num_features, num_classes, hidden, dropout)
         # a plain tuple, not a ModuleList: the units are the backbone's own modules, and
         # registering them twice would duplicate every tensor in the state dict
         self.units = backbone_units(self.backbone)
@@ -57,7 +60,7 @@ class TransferModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-def guide_head(in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2) -> nn.Sequential:
+def classification_head(in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, num_classes))
 
@@ -106,3 +109,69 @@ def default_cut(model: TransferModel) -> int:
     while cut > 0 and not any(p.numel() for u in model.units[cut:] for p in u.parameters()):
         cut -= 1
     return cut
+
+
+TRANSFER_DROPOUT = 0.2
+
+
+def uses_pretrained(name: str, model_cfg=None) -> bool:
+    """Pretrained unless switched off; by default only where weights ship offline (or a file is given)."""
+    explicit = getattr(model_cfg, "pretrained", None)
+    if explicit is not None:
+        return explicit
+    return pretrained_weights.has_offline_weights(name) or bool(getattr(model_cfg, "weights", None))
+
+
+class PretrainedBackboneFamily(ModelFamily):
+    """Any timm backbone with ImageNet weights (offline for EfficientNet-Lite0/1/2, from timm's
+    cache otherwise) or a user's weights file, under the classification head."""
+
+    description = "a pretrained timm backbone with a new head, fine-tuned"
+    weights_decide_preprocessing = True
+
+    def handles(self, name: str, model_cfg=None) -> bool:
+        return uses_pretrained(name, model_cfg)
+
+    def handles_arch(self, arch: dict) -> bool:
+        return "backbone" in arch
+
+    def architecture(self, name, num_classes, in_channels, image_size, model_cfg=None) -> dict:
+        from .timm_models import check_timm_name
+        backbone = pretrained_weights.timm_name(name)
+        check_timm_name(backbone)
+        dropout = getattr(model_cfg, "dropout", None)
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels, "hidden": getattr(model_cfg, "hidden", 256),
+                  "dropout": TRANSFER_DROPOUT if dropout is None else dropout}
+        return {"name": name, "backbone": backbone, "kwargs": kwargs}
+
+    def build(self, arch: dict) -> nn.Module:
+        return TransferModel(arch["backbone"], **arch["kwargs"])
+
+    def load_weights(self, model, arch, model_cfg=None, reporter=None) -> None:
+        weights_file = getattr(model_cfg, "weights", None)
+        if not weights_file:
+            pretrained_weights.load_backbone(model.backbone, arch["name"], arch["kwargs"].get("in_channels", 3))
+            return
+        report = pretrained_weights.load_matching(model, pretrained_weights.read_state_dict(weights_file))
+        if reporter is not None:
+            reporter.info(f"weights from {weights_file}: {len(report['matched'])} tensors matched, "
+                          f"{len(report['missing'])} left as initialized, {len(report['unused'])} unused, "
+                          f"{len(report['shape_mismatch'])} with another shape")
+
+    def preprocess(self, model, channels, size):
+        return pretrained_weights.pretrained_preprocess(model.backbone, channels, size)
+
+    def preprocess_before_build(self, name, channels, size):
+        return pretrained_weights.known_preprocess(name, channels, size)
+
+    def gradcam_layer(self, model):
+        return model.units[-1] if model.units is not None else super().gradcam_layer(model.backbone)
+
+    def frozen_part(self, model):
+        return model.backbone
+
+    def default_recipe(self, name, model_cfg=None) -> str:
+        return "transfer"
+
+
+FAMILY = PretrainedBackboneFamily()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -28,4 +28,4 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load checkpoint {path}: {first_line(e)}") from None

@@ -3,8 +3,8 @@
 The cache is keyed by the file's content (not its name), the backbone and its weights, where the
 backbone is cut, the preprocessing, the augmentation and the number of views, so a stale entry can
 never be used; it is a folder of shards per frozen part (FeatureStore). The frozen part runs in
-ONNX Runtime when it is installed (about 1.7x faster than PyTorch eager for EfficientNet-Lite0 on
-2 cores), else in PyTorch, and on a GPU where the model is."""
+ONNX Runtime on a CPU (faster than PyTorch eager there: bench/RESULTS.md), in PyTorch where the
+export fails (with a warning), and on a GPU where the model is."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from torch import nn
 from ..cache import cache_root, digest, file_digest
 from ..data.loaders import DecodeAhead, SplitData
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
-from ..progress import Reporter
+from ..errors import first_line
+from ..progress import Reporter, warn
 
 
 class FrozenPart(nn.Module):
@@ -73,22 +74,23 @@ class _Runner:
                 folder.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
                     tmp_path = Path(tmp) / "model.onnx"
-                    # no constant folding: ONNX Runtime folds the graph itself when it loads it, and
-                    # the exporter's own pass cost a third of the export (~0.1 s of a cold run)
+                    # no constant folding: ONNX Runtime folds the graph itself when it loads it, so
+                    # the exporter's own pass would only add to the export's time
                     torch.onnx.export(frozen, torch.zeros(1, channels, size, size), str(tmp_path), input_names=["x"],
                                       output_names=["y"], dynamic_axes={"x": {0: "n"}}, opset_version=17, dynamo=False,
                                       do_constant_folding=False)
                     os.replace(tmp_path, path)
             options = ort.SessionOptions()
             # one thread per run, as many concurrent runs as cores: small batches side by side beat
-            # one batch split across threads (measured 261 vs 222 img/s on 2 cores)
+            # one batch split across threads
             options.intra_op_num_threads = 1
             # no busy-waiting between batches: the decoding workers need those cores
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             threads = torch.get_num_threads()
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix="features") if threads > 1 else None
-        except Exception:  # no onnxruntime, or a backbone the exporter cannot handle: eager PyTorch
+        except Exception as e:  # a backbone the exporter or ONNX Runtime cannot handle: eager PyTorch
+            warn(f"features computed in PyTorch, not ONNX Runtime ({first_line(e)}); this is slower")
             self._eager()
 
     def _eager(self) -> None:
@@ -96,9 +98,8 @@ class _Runner:
         self.frozen = self.frozen.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last
 
-    # ONNX Runtime measured here (EfficientNet-Lite0 at 224 px), two concurrent runs of one thread:
-    # 357 img/s at batch 1, 331 at 2, 290 at 4, 227 at 8 (a single image's activations stay in
-    # cache); PyTorch eager channels_last: 158 at 8, 99 at 16, 70 at 32
+    # one image per ONNX Runtime call: a single image's activations stay in the CPU's cache, and the
+    # rate falls with every larger batch (bench/RESULTS.md)
     chunk = 1
     pool = None
 
@@ -270,7 +271,8 @@ class FeatureStore:
                 with _open(shard) as f:
                     for key in f.keys():
                         self.where.setdefault(key, shard)
-            except Exception:
+            except Exception as e:
+                warn(f"damaged feature-cache shard {shard} skipped ({first_line(e)}); its features are computed again")
                 continue
 
     def __contains__(self, key: str) -> bool:

@@ -1,5 +1,5 @@
-"""The training loop: epochs of batched, augmented steps, validation, history, checkpoints,
-early stopping and resume."""
+"""The training loop: epochs of batched, augmented steps, validation, early stopping and resume.
+What happens around it (checkpoints, the history file) is given as hooks (hooks.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import UserError
 from ..metrics import cross_entropy
 from ..progress import Reporter
-from .callbacks import EarlyStopping, HistoryLog
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
+from .early_stopping import EarlyStopping
 from .optim import LRSchedule, build_optimizer
 
 
@@ -34,6 +34,8 @@ def set_threads(threads: int | None, processes_per_node: int = 1) -> None:
 class ImageInputs:
     """uint8 image batches -> model input; augmented when a generator is given (training)."""
 
+    memory_format = torch.channels_last  # PyTorch's CPU convolutions over images are faster in it
+
     def __init__(self, pre: Preprocess, augment: BatchAugment | None = None):
         self.pre, self.augment = pre, augment
 
@@ -46,21 +48,15 @@ class Trainer:
 
     `train` and `val` are splits (anything with `__len__` and `batches(size, shuffle, generator)`
     yielding (inputs, labels, indices)); `inputs` turns a batch's inputs into the model's input
-    (decoded images through preprocessing and augmentation, or cached features). `param_groups`
-    gives per-group learning-rate multipliers; `saved_model` is what checkpoints hold (default:
-    `model`); `history` may be shared between phases of one run."""
+    (decoded images through preprocessing and augmentation, or cached features) and says the
+    memory format the model runs in. `param_groups` gives per-group learning-rate multipliers;
+    `history` may be shared between phases of one run; `hooks` see every step and epoch."""
 
-    def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, run_dir: Path | None = None,
-                 reporter: Reporter | None = None, phase: str = "train", extra: dict | None = None,
-                 history: list | None = None, param_groups: list[dict] | None = None,
-                 saved_model: nn.Module | None = None, last_phase: bool = True, channels_last: bool = True,
-                 dist=None, device: torch.device | None = None, final_curves: bool = True):
-        # channels_last suits convolutions over images; on cached 7x7 feature maps (1x1
-        # convolutions, i.e. matrix products) the default layout measured 1.6x faster
+    def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, reporter: Reporter | None = None,
+                 hooks=(), phase: str = "train", history: list | None = None, param_groups: list[dict] | None = None,
+                 dist=None, device: torch.device | None = None):
         self.device = torch.device(device or "cpu")
-        model = model.to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
-        self.saved_model = saved_model or self.model
+        self.model = model.to(self.device).to(memory_format=getattr(inputs, "memory_format", torch.contiguous_format))
         from .distributed import Dist
         from .precision import training_autocast
         self.dist = dist or Dist()
@@ -72,12 +68,8 @@ class Trainer:
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.train, self.val, self.cfg, self.inputs = train, val, cfg, inputs
-        self.run_dir = Path(run_dir) if run_dir else None
         self.reporter = reporter or Reporter()
-        self.phase = phase
-        self.last_phase = last_phase  # an earlier phase leaves checkpoints and curves to the last one
-        self.final_curves = final_curves  # False: whoever runs the trainer draws curves.png afterwards
-        self.extra = extra or {}  # saved with every checkpoint: what a resume needs besides the loop state
+        self.hooks, self.phase = list(hooks), phase
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.loss_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
         if param_groups is None:
@@ -89,21 +81,19 @@ class Trainer:
         self.history = history if history is not None else []
         self.epoch_offset = len(self.history)  # epochs of earlier phases
         self.epoch, self.step = 0, 0
-        self.best_state, self._best_unsaved = None, False
-        self._last_save = time.monotonic()
+        self.best_state, self.improved = None, False
         self._position = None  # where a mid-epoch checkpoint left off: batch, generator state, sums
-        self.log = HistoryLog(self.run_dir)
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- state, for checkpoints and resume ----------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.saved_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "stopper": self.stopper.state_dict(),
                 "epoch": self.epoch, "step": self.step, "history": self.history, "phase": self.phase,
-                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "extra": self.extra,
+                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
                 "position": self._position, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.saved_model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.stopper.load_state_dict(state["stopper"])
@@ -126,24 +116,11 @@ class Trainer:
         where = f", batch {self._position['batch'] + 1}" if self._position else ""
         self.reporter.info(f"resumed from {path} at epoch {self.epoch + 1}{where}")
 
-    def _save(self, final: bool) -> None:
-        """Write last.pt (and best.pt when the best changed) at the end of the phase, and otherwise
-        at most every `checkpoint_interval` seconds, also in the middle of an epoch: epochs on
-        cached features take milliseconds, and writing a whole backbone after each would cost more
-        than the training. best.pt goes first: a kill between the two writes then leaves a best.pt
-        that the replay from the older last.pt reaches again, identically."""
-        due = time.monotonic() - self._last_save >= self.cfg.checkpoint_interval
-        if self.run_dir is None or not (final or due):
-            return
-        if not all(torch.isfinite(p).all() for p in self.saved_model.parameters()):
-            raise NonFiniteLossError(f"weights became non-finite at step {self.step} (epoch {self.epoch + 1}); "
-                                     f"the last good checkpoint is kept; try a lower learning rate")
-        state = self.state_dict()
-        if self._best_unsaved and self.best_state is not None:
-            save_checkpoint({**state, "model": self.best_state}, self.run_dir / "checkpoints" / "best.pt")
-            self._best_unsaved = False
-        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
-        self._last_save = time.monotonic()
+    def _call_hooks(self, event: str, *args) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, event, None)
+            if method is not None:
+                method(self, *args)
 
     # -- the loop ----------------------------------------------------------------------------
     def _train_epoch(self, generator: torch.Generator) -> dict:
@@ -204,7 +181,7 @@ class Trainer:
                 if batch_no < self.steps_per_epoch:
                     self._position = {"batch": batch_no, "generator": generator.get_state(),
                                       "sums": (total_loss, correct, seen, time.perf_counter() - t0)}
-                    self._save(final=False)
+                    self._call_hooks("after_step")
                     self._position = None
         elapsed = time.perf_counter() - t0
         if self.dist.enabled:  # every rank saw its slice: the epoch's figures are the sums over ranks
@@ -245,15 +222,12 @@ class Trainer:
             row["lr"] = self.optimizer.param_groups[-1]["lr"]  # the last group: the head's
             row.update(self._validate())
             self.schedule.epoch_end(row["val_loss"])
-            improved = self.stopper.update(row)
-            if improved:
-                self.best_state = copy.deepcopy(self.saved_model.state_dict())
-                self._best_unsaved = True
+            self.improved = self.stopper.update(row)
+            if self.improved:
+                self.best_state = copy.deepcopy(self.model.state_dict())
             self.history.append(row)
             self.epoch += 1
-            final = (self.epoch >= self.cfg.epochs or self.stopper.should_stop) and self.last_phase
-            self._save(final)
-            self.log.write(self.history, plot=final and self.final_curves)
+            self._call_hooks("after_epoch", row, self.epoch >= self.cfg.epochs or self.stopper.should_stop)
             self.reporter.info(_epoch_line(row))
             if self.stopper.should_stop:
                 self.reporter.info(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.early_stopping} epochs")
@@ -262,7 +236,7 @@ class Trainer:
 
     def restore_best(self) -> None:
         if self.best_state is not None:
-            self.saved_model.load_state_dict(self.best_state)
+            self.model.load_state_dict(self.best_state)
 
 
 def _epoch_line(row: dict) -> str:

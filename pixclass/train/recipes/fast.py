@@ -5,7 +5,8 @@ on tensors ("alternating" flips: an image is mirrored in every other epoch, so t
 versions); a frozen patch-whitening first layer is fitted to the data; SGD with Nesterov momentum
 on a summed, label-smoothed loss with a triangular learning-rate schedule; lookahead averaging of
 the weights every few steps; test-time augmentation over flips and one-pixel translations. On a
-CPU with AVX-512 BF16 the convolutions run in bfloat16 autocast (about 2-5x faster here)."""
+CPU with AVX-512 BF16 the convolutions run in bfloat16 autocast (several times faster there;
+bench/RESULTS.md); elsewhere in float32."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import Preprocess
-from ..models.factory import FAST_WIDE_NAME
-from ..metrics import cross_entropy
-from ..progress import Reporter
-from .callbacks import HistoryLog
-from .checkpoint import save_checkpoint
-from .precision import resolve_precision
+from ...data.loaders import SplitData
+from ...data.transforms import Preprocess
+from ...errors import UserError
+from ...inference import softmax_probabilities
+from ...metrics import cross_entropy
+from ...progress import Reporter
+from ..checkpoint import save_checkpoint
+from ..hooks import write_history
+from ..precision import resolve_precision
+from . import FitResult, HeldOut, Job, Recipe, held_out_split
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class FastHyper:
 def hyper_for(network: str) -> FastHyper:
     """airbench94's settings; for the wide network airbench95's changes: learning rate x0.87
     and 15 epochs (95% instead of 94% on the original CIFAR-10, for 3.9x the training compute)."""
-    if network == FAST_WIDE_NAME:
+    if network == "airbench-wide":
         return FastHyper(lr=11.5 * 0.87, epochs=15)
     return FastHyper()
 
@@ -120,14 +124,38 @@ def predict_tta(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype, 
                 h, w = x.shape[-2:]
                 shifted = (both(padded[..., :h, :w]) + both(padded[..., 2:, 2:])) / 4
                 logits = 0.5 * logits + 0.5 * shifted
-        out.append(torch.softmax(logits, 1))
-    return torch.cat(out).numpy()
+        out.append(softmax_probabilities(logits))
+    return np.concatenate(out)
+
+
+class FastRecipe(Recipe):
+    name = "fast"
+    description = "airbench-style from-scratch training for small images, on the CPU"
+    distributed = False  # one process: the whole dataset in memory, the batches built on tensors
+
+    def model_name(self, cfg) -> str:
+        return "airbench" if cfg.model.name == "auto" else cfg.model.name
+
+    def check(self, cfg, family) -> None:
+        if family.default_recipe(cfg.model.name, cfg.model) != "fast":
+            raise UserError(f"--recipe fast trains its own network (airbench or airbench-wide); "
+                            f"drop --model {cfg.model.name}")
+
+    def fit(self, job: Job) -> FitResult:
+        if not isinstance(job.data.train, SplitData):
+            raise UserError("--recipe fast keeps the training images in memory; raise data.max_memory_gb "
+                            "or use smaller images")
+        hyp = hyper_for(job.arch["name"])
+        return fit_fast(job.model, job.data, job.cfg.train.epochs or hyp.epochs, job.cfg.train.seed,
+                        job.cfg.train.precision, job.run_dir, job.reporter, hyp)
+
+
+RECIPE = FastRecipe()
 
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
-             hyp: FastHyper = FastHyper()) -> dict:
-    """Train `model` (an AirbenchNet) on data.train (in memory); returns history, held-out
-    probabilities (TTA) and timings."""
+             hyp: FastHyper = FastHyper()) -> FitResult:
+    """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA."""
     pre = data.preprocess
     dtype = resolve_precision(precision)
     train = data.train
@@ -144,7 +172,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     total = steps_per_epoch * epochs
     lookahead = Lookahead(model)
     flip_base = torch.rand(n, generator=g) < 0.5
-    history, log, step = [], HistoryLog(run_dir), 0
+    history, step = [], 0
     reporter.info(f"fast recipe: batch {batch_size}, {epochs} epochs, {total} steps, "
                   f"{'bfloat16' if dtype else 'float32'} on the CPU")
     started = time.perf_counter()
@@ -187,7 +215,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
             row["val_loss"] = cross_entropy(data.val.labels.numpy(), probs)
             row["val_accuracy"] = float((probs.argmax(1) == data.val.labels.numpy()).mean())
         history.append(row)
-        log.write(history, plot=False)  # run_training draws curves.png, in the report or alone
+        if run_dir is not None:
+            write_history(history, Path(run_dir) / "metrics.csv")
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                 if v is not None and k not in ("phase",)))
     lookahead.update(1.0)  # finish on the averaged weights
@@ -195,15 +224,15 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     if run_dir is not None:
         save_checkpoint({"model": model.state_dict(), "epoch": epochs, "step": step, "history": history},
                         Path(run_dir) / "checkpoints" / "last.pt")
-    train_s = time.perf_counter() - started
-    held_name = "test" if data.test is not None and len(data.test) else "val"
-    held = getattr(data, held_name)
-    result = {"history": history, "train_s": round(train_s, 1), "held_out_split": held_name, "held_out": None}
-    if held is not None and len(held):
-        t0 = time.perf_counter()
-        probs = predict_tta(model, held.images, pre, dtype, tta=True)
-        plain = predict_tta(model, held.images, pre, dtype, tta=False)
-        labels = held.labels.numpy()
-        result.update(held_out=(probs, labels), tta_s=round(time.perf_counter() - t0, 1),
-                      accuracy_without_tta=float((plain.argmax(1) == labels).mean()))
-    return result
+    timings = {"train_s": round(time.perf_counter() - started, 1)}
+    name, held = held_out_split({"val": data.val, "test": data.test})
+    if held is None:
+        return FitResult(history, None, skipped=list(data.skipped), timings=timings)
+    t0 = time.perf_counter()
+    probs = predict_tta(model, held.images, pre, dtype, tta=True)
+    plain = predict_tta(model, held.images, pre, dtype, tta=False)
+    labels = held.labels.numpy()
+    timings["tta_s"] = round(time.perf_counter() - t0, 1)
+    return FitResult(history, HeldOut(name, probs, labels, list(held.paths)), skipped=list(data.skipped),
+                     timings=timings, metrics={"tta": True,
+                                               "accuracy_without_tta": float((plain.argmax(1) == labels).mean())})

@@ -1,38 +1,6 @@
-"""What happens at the end of each epoch besides the loop itself: the history files and early
-stopping."""
+"""Early stopping on a monitored validation metric."""
 
 from __future__ import annotations
-
-import csv
-import time
-from pathlib import Path
-
-from .. import plots
-
-HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                  "epoch_s", "images_per_s", "elapsed_s"]
-
-
-class HistoryLog:
-    """Writes metrics.csv after every epoch, and curves.png at the end of a phase or when the
-    last plot is older than PLOT_INTERVAL_S (a plot costs more than an epoch on cached features)."""
-
-    PLOT_INTERVAL_S = 30.0
-
-    def __init__(self, run_dir: Path | None):
-        self.run_dir = Path(run_dir) if run_dir else None
-        self._last_plot = time.monotonic()
-
-    def write(self, history: list[dict], plot: bool = True) -> None:
-        if self.run_dir is None or not history:
-            return
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(history)
-        if plot or time.monotonic() - self._last_plot >= self.PLOT_INTERVAL_S:
-            plots.training_curves(history, self.run_dir / "curves.png")
-            self._last_plot = time.monotonic()
 
 
 class EarlyStopping:

@@ -1,0 +1,41 @@
+"""From scratch on decoded images: the step loop with augmentation, validation, checkpoints,
+early stopping and resume (the classic CNN's and any timm architecture's recipe)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ...data.transforms import build_augment
+from ...errors import UserError
+from ..hooks import Checkpoints, HistoryFile
+from ..loop import ImageInputs, Trainer
+from . import FitResult, Job, Recipe
+from .held_out import held_out_on_images
+
+EPOCHS = 10
+
+
+class ScratchRecipe(Recipe):
+    name = "scratch"
+    description = "from scratch on images"
+    resumable = True
+
+    def fit(self, job: Job) -> FitResult:
+        cfg = job.cfg
+        if cfg.train.epochs == 0:
+            raise UserError("epochs must be >= 1 when training from scratch")
+        train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or EPOCHS)
+        hooks = [Checkpoints(job.run_dir, extra=job.checkpoint_extra), HistoryFile(job.run_dir)] if job.run_dir else []
+        trainer = Trainer(job.model, job.data.train, job.data.val, train_cfg,
+                          ImageInputs(job.data.preprocess, build_augment(cfg.augment)), job.reporter, hooks=hooks,
+                          dist=job.dist, device=job.device)
+        if job.resume_from is not None:
+            trainer.resume(job.resume_from)
+        trainer.fit()
+        trainer.restore_best()
+        job.model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
+        held = held_out_on_images(job.model, job.data) if job.dist.main else None
+        return FitResult(trainer.history, held, skipped=list(job.data.skipped))
+
+
+RECIPE = ScratchRecipe()

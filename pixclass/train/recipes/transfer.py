@@ -1,0 +1,228 @@
+"""Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune.
+
+The backbone is cut into a frozen part and a trainable tail. The frozen part runs once per image
+(and per augmented view) and its output is cached, so no epoch ever recomputes it:
+- head phase: the tail is frozen too; pooled features are computed once from the cache and only
+  the head trains (milliseconds per epoch);
+- fine-tune phase: the tail (by default the units at the backbone's last resolution) trains with
+  the head on the cached features, with discriminative learning rates (lower for earlier units),
+  as fastai's `fine_tune` does; `--unfreeze all` fine-tunes the whole network on images.
+`--freeze` (or 0 epochs) stops after the head phase: a pure feature extractor."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...config import RunConfig
+from ...data.loaders import DecodeAhead, SplitData, default_workers
+from ...data.transforms import build_augment
+from ...errors import DatasetError, UserError
+from ...inference import softmax_probabilities
+from ...models.transfer import TransferModel, default_cut
+from ..features import FeatureInputs, extract_features
+from ..hooks import Checkpoints, HistoryFile
+from ..loop import ImageInputs, Trainer
+from . import FitResult, HeldOut, Job, Recipe, held_out_split
+from .held_out import held_out_on_images
+
+FINETUNE_EPOCHS = 4
+
+
+class Tail(nn.Module):
+    """Units [cut, end) of the backbone, pooling and head: cached features -> logits."""
+
+    def __init__(self, model: TransferModel, cut: int):
+        super().__init__()
+        self.model, self.cut = model, cut
+        self.units = nn.ModuleList(model.units[cut:]) if model.units is not None and cut < model.n_units else nn.ModuleList()
+
+    def forward(self, x):
+        return self.model.forward_from(self.cut, x)
+
+    def param_groups(self, lr_ratio: float) -> list[dict]:
+        """Earliest unit at lr * lr_ratio, rising geometrically to the head at lr."""
+        units = [u for u in self.units if any(p.requires_grad for p in u.parameters())]
+        n = len(units)
+        groups = [{"params": list(u.parameters()), "lr_scale": lr_ratio ** ((n - i) / n)} for i, u in enumerate(units)]
+        return groups + [{"params": list(self.model.head.parameters()), "lr_scale": 1.0}]
+
+
+def choose_cut(model: TransferModel, cfg: RunConfig, size: int) -> int:
+    tc = cfg.train
+    if tc.freeze or finetune_epochs(cfg) == 0:
+        return model.n_units
+    if tc.unfreeze == "all":
+        return 0
+    if tc.unfreeze == "auto":
+        return default_cut(model)
+    return max(0, model.n_units - int(tc.unfreeze))
+
+
+def finetune_epochs(cfg: RunConfig) -> int:
+    if cfg.train.freeze:
+        return 0
+    return FINETUNE_EPOCHS if cfg.train.epochs is None else cfg.train.epochs
+
+
+@torch.inference_mode()
+def _through(module_fn, split: SplitData, device: torch.device, batch_size: int | None = None) -> SplitData:
+    """Apply a frozen function (on the model's device) to every view of every cached feature.
+    Batches of 32 on a CPU, where they fit the CPU's cache and ran faster than larger ones."""
+    batch_size = batch_size or (32 if device.type == "cpu" else 256)
+    n, v = split.images.shape[:2]
+    flat = split.images.flatten(0, 1)
+    out = torch.cat([module_fn(flat[i:i + batch_size].to(device)).cpu()
+                     for i in range(0, len(flat), batch_size)]) if len(flat) else flat
+    return SplitData(out.view(n, v, *out.shape[1:]), split.labels, split.paths)
+
+
+@torch.inference_mode()
+def _held_out_on_features(module: nn.Module, name: str | None, split: SplitData | None) -> HeldOut | None:
+    """Probabilities from cached features (the clean view 0) through the trained tail."""
+    if split is None:
+        return None
+    module.eval()
+    probs = [softmax_probabilities(module(x[:, 0])) for x, _, _ in split.batches(256)]
+    return HeldOut(name, np.concatenate(probs), split.labels.numpy(), list(split.paths))
+
+
+class TransferRecipe(Recipe):
+    name = "transfer"
+    description = "head on cached features of a frozen pretrained backbone, then fine-tuning"
+    decodes_images = False  # the files are decoded once, for the frozen part's features
+
+    def check(self, cfg: RunConfig, family) -> None:
+        if family.default_recipe(cfg.model.name, cfg.model) != "transfer":
+            raise UserError(f"--recipe transfer needs a pretrained backbone (e.g. efficientnet_lite0), "
+                            f"not {cfg.model.name}")
+
+    def start_early(self, cfg: RunConfig, family, scanned, dist):
+        """Decode the images while timm imports and the model is built, on the cores that import
+        leaves idle, in split order as the features are consumed (each batch's memory is freed as
+        soon as its rows are copied into their split): possible where the preprocessing is known
+        from the model's name alone."""
+        pre = family.preprocess_before_build(cfg.model.name, cfg.data.channels, cfg.data.image_size)
+        if pre is None or dist.enabled:
+            return None
+        in_order = [s.path for split in ("train", "val", "test") for s in scanned.samples if s.split == split]
+        return DecodeAhead(list(dict.fromkeys(in_order)), pre, workers=max(1, default_workers() - 1))
+
+    def fit(self, job: Job) -> FitResult:
+        """Under torchrun every rank computes the features of its share of the files, all ranks
+        then hold all of them, the phases train with DDP, and only rank 0 writes."""
+        model, device = job.model, torch.device(job.device or "cpu")
+        model.to(device)
+        cut = choose_cut(model, job.cfg, job.data.preprocess.size)
+        if model.units is None and cut == 0 and job.cfg.train.unfreeze != "all":
+            job.reporter.warn(f"{model.backbone_name} cannot be cut into units, so fine-tuning trains the whole "
+                              f"network on images (slow on a CPU); --freeze trains the head alone")
+        frozen_cut = cut if cut > 0 else model.n_units  # cut 0 fine-tunes on images; the head still trains on features
+        timings, history = {}, []
+        started = time.perf_counter()
+        splits, skipped = _features(job, frozen_cut)
+        timings["features_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        pooled = _head_phase(job, splits, frozen_cut, history, device)
+        timings["head_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        held_out_of = _finetune_phase(job, cut, splits, pooled, history, device)
+        timings["finetune_s"] = round(time.perf_counter() - started, 2)
+        model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
+        return FitResult(history, held_out_of() if job.dist.main else None, skipped=skipped, timings=timings)
+
+
+def _phase_hooks(job: Job, last_phase: bool) -> list:
+    """Checkpoints of the whole model (each phase trains a part of it) and the history file."""
+    if job.run_dir is None:
+        return []
+    return [Checkpoints(job.run_dir, saved_model=job.model, extra=job.checkpoint_extra, at_phase_end=last_phase),
+            HistoryFile(job.run_dir)]
+
+
+def _features(job: Job, frozen_cut: int) -> tuple[dict, list]:
+    """The frozen part's output for every split (cached; `feature_views` augmented views of the
+    training images), and the files that could not be read."""
+    tc, data = job.cfg.train, job.data
+    job.model.eval()
+    parts = {name: (part.paths, part.labels, tc.feature_views if name == "train" else 0)
+             for name in ("train", "val", "test") if (part := getattr(data, name)) is not None and len(part)}
+    extracted, skipped = extract_features(job.model, frozen_cut, parts, data.preprocess, build_augment(job.cfg.augment),
+                                          tc.seed, job.reporter, decoding=job.early, dist=job.dist)
+    splits = {name: extracted.get(name) for name in ("train", "val", "test")}
+    if splits["train"] is None or len(splits["train"]) == 0:
+        raise DatasetError(f"no readable training images in {job.cfg.data.path}")
+    return splits, skipped
+
+
+def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device) -> dict:
+    """The head alone, on pooled features (milliseconds per epoch). Returns the pooled splits."""
+    model, tc = job.model, job.cfg.train
+    if frozen_cut < model.n_units:
+        tail = Tail(model, frozen_cut)
+        for module in tail.units:
+            module.eval()
+        pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s, device) if s is not None else None
+                  for k, s in splits.items()}
+    else:
+        pooled = splits
+    if tc.head_epochs > 0:
+        torch.manual_seed(tc.seed)  # dropout draws the same whether or not features came from the cache
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=tc.head_epochs),
+                          FeatureInputs(), job.reporter, hooks=_phase_hooks(job, finetune_epochs(job.cfg) == 0),
+                          phase="head", history=history, dist=job.dist, device=device)
+        trainer.fit()
+        trainer.restore_best()
+    return pooled
+
+
+def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: list, device):
+    """The units after `cut` with the head: on cached features, or (cut 0) the whole network on
+    decoded images. Returns a function giving the held-out probabilities of the final model."""
+    model, tc, pre = job.model, job.cfg.train, job.data.preprocess
+    epochs = finetune_epochs(job.cfg)
+    if epochs == 0:
+        return lambda: _held_out_on_features(model.head.cpu(), *held_out_split(pooled))
+    torch.manual_seed(tc.seed + 1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ft_cfg = dataclasses.replace(tc, epochs=epochs, lr=tc.finetune_lr or tc.lr / 2,
+                                 schedule="cosine" if tc.schedule == "constant" else tc.schedule)
+    if cut == 0:
+        images = {k: _decoded(getattr(job.data, k), pre, job.reporter) for k in ("train", "val", "test")}
+        trainer = Trainer(model, images["train"], images["val"], ft_cfg, ImageInputs(pre, build_augment(job.cfg.augment)),
+                          job.reporter, hooks=_phase_hooks(job, True), phase="finetune", history=history,
+                          dist=job.dist, device=device)
+        held_out_of = lambda: held_out_on_images(model, job.data, images)  # noqa: E731
+    else:
+        tail = Tail(model, cut)
+        trainer = Trainer(tail, splits["train"], splits["val"], ft_cfg, FeatureInputs(), job.reporter,
+                          hooks=_phase_hooks(job, True), phase="finetune", history=history,
+                          param_groups=tail.param_groups(tc.lr_ratio), dist=job.dist, device=device)
+        held_out_of = lambda: _held_out_on_features(tail.cpu(), *held_out_split(splits))  # noqa: E731
+    trainer.fit()
+    trainer.restore_best()
+    return held_out_of
+
+
+RECIPE = TransferRecipe()
+
+
+def _decoded(part, pre, reporter):
+    if part is None or len(part) == 0:
+        return None
+    from ...data.loaders import load_split
+    split, _ = load_split(part.paths, part.labels, pre, reporter, what="loading images")
+    return split
+
+
+def _run_units(units, x):
+    for unit in units:
+        x = unit(x)
+    return x
