@@ -24,3 +24,12 @@ class ImageDecodeError(Exception):
         self.reason = reason
         self.kind = kind
         super().__init__(f"{self.path}: {reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    """A one-line description of `exc` for a UserError or a warning: the first non-empty line of
+    its message (library errors often append pages of detail), else its type name."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
