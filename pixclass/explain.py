@@ -161,8 +161,8 @@ def overlay(image_uint8_chw: torch.Tensor, heatmap: np.ndarray, alpha: float = 0
 def explanation_figure(image: torch.Tensor, heatmap: np.ndarray, probs: np.ndarray, classes: list[str],
                        title: str = "", k: int = 3, method: str = "gradcam"):
     """The original and the overlay side by side, the top-k classes in the title."""
-    from .plots import _figure
-    fig = _figure(figsize=(7, 3.8))
+    from .plots import new_figure
+    fig = new_figure(figsize=(7, 3.8))
     axes = fig.subplots(1, 2)
     rgb = image.permute(1, 2, 0).numpy()
     axes[0].imshow(rgb.squeeze(), cmap="gray" if rgb.shape[2] == 1 else None)
@@ -213,10 +213,10 @@ def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam"
 
 def _grid(n: int, cell: float):
     """A near-square grid of n image axes (frames off), as (Figure, flat array of axes)."""
-    from .plots import _figure
+    from .plots import new_figure
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig = _figure(figsize=(cols * cell, rows * cell + 0.4))
+    fig = new_figure(figsize=(cols * cell, rows * cell + 0.4))
     axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
     for ax in axes:
         ax.axis("off")
