@@ -216,7 +216,8 @@ def predict(
 ):
     """Predict the classes of images."""
     from .data.decode import set_max_pixels
-    from .predict import Predictor, collect_image_paths
+    from .data.scan import collect_image_paths
+    from .predict import Predictor
     from .progress import Reporter
 
     set_max_pixels(max_pixels)
@@ -312,8 +313,8 @@ def explain(
 ):
     """Heatmaps of where the model looks: original and overlay side by side, one PNG per image."""
     from . import artifact as artifact_io
+    from .data.scan import collect_image_paths
     from .explain import explain_files
-    from .predict import collect_image_paths
     from .progress import Reporter, console
 
     art = artifact_io.load(model)

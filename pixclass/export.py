@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import artifact as artifact_io
+from .data.scan import collect_image_paths
 from .data.decode import decode_image
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError
@@ -154,7 +155,6 @@ def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -
     except UserError:
         train = []
     if not train:
-        from .predict import collect_image_paths
         train = collect_image_paths([root])
     return sorted(random.Random(0).sample(train, min(count, len(train))))
 

@@ -9,24 +9,8 @@ import numpy as np
 import torch
 
 from .data.decode import decode_image
-from .data.scan import IMAGE_EXTENSIONS, is_hidden
 from .data.transforms import batch_to_input, image_to_uint8
-from .errors import ImageDecodeError, UserError
-
-
-def collect_image_paths(inputs) -> list[Path]:
-    """Files as given, folders searched recursively for image files (hidden entries skipped)."""
-    found = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(is_hidden(Path(part)) for part in f.relative_to(p).parts))
-        elif p.exists():
-            found.append(p)
-        else:
-            raise UserError(f"no such file or folder: {p}")
-    return found
+from .errors import ImageDecodeError
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
