@@ -207,7 +207,7 @@ def _print_metrics_table(metrics: dict) -> None:
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx file."),
+    model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx or .tflite file."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),

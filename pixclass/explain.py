@@ -17,6 +17,7 @@ from torch import nn
 from .data.decode import decode_image
 from .data.transforms import batch_to_input, image_to_uint8
 from .errors import UserError
+from .inference import softmax_probabilities
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
 
@@ -89,7 +90,7 @@ class GradCAM:
             cam = torch.relu((grads.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True).float())
             cam = torch.nn.functional.interpolate(_unit_scale(cam), size=x.shape[2:], mode="bilinear",
                                                   align_corners=False)
-            return _unit_scale(cam)[:, 0].numpy(), torch.softmax(logits.detach(), 1).numpy()
+            return _unit_scale(cam)[:, 0].numpy(), softmax_probabilities(logits)
 
 
 def _unit_scale(cam: torch.Tensor) -> torch.Tensor:
@@ -141,8 +142,8 @@ class Explainer:
             return maps, probs, batch
         x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        with torch.no_grad():
-            probs = torch.softmax(self.model(x).float(), 1).numpy()
+        with torch.no_grad():  # the CAM library runs its own forward passes; this one is for the probabilities
+            probs = softmax_probabilities(self.model(x))
         targets = [ClassifierOutputTarget(class_index if class_index is not None else int(p.argmax())) for p in probs]
         maps = self.cam(input_tensor=x, targets=targets)
         return np.asarray(maps, dtype=np.float32), probs, batch
