@@ -41,7 +41,8 @@ def export_onnx(art, path: Path) -> Path:
     model = Probabilities(art.model.eval())
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
-                      output_names=["probabilities"], dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                      output_names=["probabilities"],
+                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
                       opset_version=OPSET, dynamo=False)
     proto = onnx.load(str(path))
     for key, value in metadata(art).items():
@@ -203,8 +204,9 @@ def _ort_web_tarball() -> Path:
     proc = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--silent"], cwd=folder,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not tarball.is_file():
-        raise UserError(f"could not fetch onnxruntime-web {ORT_WEB_VERSION} with npm: "
-                        f"{(proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout) else proc.returncode}")
+        said = (proc.stderr or proc.stdout).strip()
+        why = said.splitlines()[-1] if said else proc.returncode  # npm puts the reason last
+        raise UserError(f"could not fetch onnxruntime-web {ORT_WEB_VERSION} with npm: {why}")
     return tarball
 
 
@@ -241,7 +243,8 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     if fmt in ("webapp", "coreml") and int8:
-        raise UserError(f"{'the web app ships' if fmt == 'webapp' else 'Core ML export writes'} the float model; drop --int8")
+        what = "the web app ships" if fmt == "webapp" else "Core ML export writes"
+        raise UserError(f"{what} the float model; drop --int8")
     art = artifact_io.load(model_dir)
     kind = "int8" if int8 else "fp32"
     if fmt == "webapp":
