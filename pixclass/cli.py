@@ -201,7 +201,7 @@ def _print_metrics_table(metrics: dict) -> None:
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx file."),
+    model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx or .tflite file."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
@@ -210,7 +210,8 @@ def predict(
 ):
     """Predict the classes of images."""
     from .data.decode import set_max_pixels
-    from .predict import Predictor, collect_image_paths
+    from .data.scan import collect_image_paths
+    from .predict import Predictor
     from .progress import Reporter
 
     set_max_pixels(max_pixels)
@@ -309,8 +310,8 @@ def explain(
 ):
     """Heatmaps of where the model looks: original and overlay side by side, one PNG per image."""
     from . import artifact as artifact_io
+    from .data.scan import collect_image_paths
     from .explain import explain_files
-    from .predict import collect_image_paths
     from .progress import Reporter, console
 
     art = artifact_io.load(model)

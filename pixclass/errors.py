@@ -27,8 +27,8 @@ class ImageDecodeError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, else its type's name: for one-line
-    messages built from errors raised by libraries."""
+    """A one-line description of `exc` for a UserError or a warning: the first non-empty line of
+    its message (library errors often append pages of detail), else its type name."""
     for line in str(exc).splitlines():
         if line.strip():
             return line.strip()

@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .data.loaders import load_split
 from .data.scan import read_manifest, scan_class_folders
 from .errors import DatasetError
-from .inference import TorchBackend, predict_batches
+from .inference import Backend, TorchBackend, predict_batches
 from .metrics import classification_metrics
 from .progress import Reporter
 
@@ -62,9 +62,11 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
     return [p for p, _ in pairs], [index[c] for _, c in pairs], what
 
 
-def evaluate_split(art: Artifact, split, batch_size: int = 256) -> tuple[dict, object]:
-    """Metrics for an in-memory split; also returns the probabilities (N x K, split order)."""
-    probs, labels, _ = predict_batches(TorchBackend(art.model, art.classes, art.preprocess), split.batches(batch_size))
+def evaluate_split(art: Artifact, split, batch_size: int = 256, backend: Backend | None = None) -> tuple[dict, object]:
+    """Metrics for an in-memory split; also returns the probabilities (N x K, split order). The
+    artifact's PyTorch model answers unless `backend` is given (e.g. an exported file's)."""
+    backend = backend or TorchBackend.from_artifact(art)
+    probs, labels, _ = predict_batches(backend, split.batches(batch_size))
     if len(labels) == 0:
         raise DatasetError("no readable images to evaluate")
     return classification_metrics(labels, probs, art.classes), probs

@@ -17,6 +17,7 @@ from torch import nn
 from .data.decode import decode_image
 from .data.transforms import batch_to_input, image_to_uint8
 from .errors import UserError
+from .inference import softmax_probabilities
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
 
@@ -72,7 +73,7 @@ class GradCAM:
             cam = torch.relu((grads.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True).float())
             cam = torch.nn.functional.interpolate(_unit_scale(cam), size=x.shape[2:], mode="bilinear",
                                                   align_corners=False)
-            return _unit_scale(cam)[:, 0].numpy(), torch.softmax(logits.detach(), 1).numpy()
+            return _unit_scale(cam)[:, 0].numpy(), softmax_probabilities(logits)
 
 
 def _unit_scale(cam: torch.Tensor) -> torch.Tensor:
@@ -124,8 +125,8 @@ class Explainer:
             return maps, probs, batch
         x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        with torch.no_grad():
-            probs = torch.softmax(self.model(x).float(), 1).numpy()
+        with torch.no_grad():  # the CAM library runs its own forward passes; this one is for the probabilities
+            probs = softmax_probabilities(self.model(x))
         targets = [ClassifierOutputTarget(class_index if class_index is not None else int(p.argmax())) for p in probs]
         maps = self.cam(input_tensor=x, targets=targets)
         return np.asarray(maps, dtype=np.float32), probs, batch
@@ -144,8 +145,8 @@ def overlay(image_uint8_chw: torch.Tensor, heatmap: np.ndarray, alpha: float = 0
 def explanation_figure(image: torch.Tensor, heatmap: np.ndarray, probs: np.ndarray, classes: list[str],
                        title: str = "", k: int = 3, method: str = "gradcam"):
     """The original and the overlay side by side, the top-k classes in the title."""
-    from .plots import _figure
-    fig = _figure(figsize=(7, 3.8))
+    from .plots import new_figure
+    fig = new_figure(figsize=(7, 3.8))
     axes = fig.subplots(1, 2)
     rgb = image.permute(1, 2, 0).numpy()
     axes[0].imshow(rgb.squeeze(), cmap="gray" if rgb.shape[2] == 1 else None)
@@ -196,10 +197,10 @@ def explain_files(art, paths: list[Path], out_dir: Path, method: str = "gradcam"
 
 def _grid(n: int, cell: float):
     """A near-square grid of n image axes (frames off), as (Figure, flat array of axes)."""
-    from .plots import _figure
+    from .plots import new_figure
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig = _figure(figsize=(cols * cell, rows * cell + 0.4))
+    fig = new_figure(figsize=(cols * cell, rows * cell + 0.4))
     axes = np.atleast_1d(fig.subplots(rows, cols)).flatten()
     for ax in axes:
         ax.axis("off")

@@ -18,24 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import artifact as artifact_io
 from .data.decode import decode_image
+from .data.scan import collect_image_paths
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
-from .errors import ImageDecodeError, UserError
+from .errors import ImageDecodeError, UserError, first_line
+from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend
 
 OPSET = 17
 THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
-
-
-class WithSoftmax(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):  # N x C x H x W (standardized) -> N x classes (probabilities)
-        return torch.softmax(self.model(x), dim=1)
 
 
 def metadata(art) -> dict[str, str]:
@@ -46,10 +38,11 @@ def metadata(art) -> dict[str, str]:
 def export_onnx(art, path: Path) -> Path:
     import onnx
     pre = art.preprocess
-    model = WithSoftmax(art.model.eval())
+    model = Probabilities(art.model.eval())
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
-                      output_names=["probabilities"], dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                      output_names=["probabilities"],
+                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
                       opset_version=OPSET, dynamo=False)
     proto = onnx.load(str(path))
     for key, value in metadata(art).items():
@@ -57,29 +50,6 @@ def export_onnx(art, path: Path) -> Path:
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
     return path
-
-
-class OnnxModel:
-    """An exported ONNX file with its classes and preprocessing, run by ONNX Runtime."""
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise UserError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "pixclass_classes" not in meta:
-            raise UserError(f"{path} was not exported by pixclass (no class names or preprocessing in its metadata)")
-        self.classes = json.loads(meta["pixclass_classes"])
-        self.preprocess = Preprocess.from_dict(json.loads(meta["pixclass_preprocess"]))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def probabilities_from_input(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 class _Calibration:
@@ -92,14 +62,17 @@ class _Calibration:
         return next(self.batches, None)
 
 
-def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray) -> Path:
+def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray, reporter=None) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = out.with_name(out.stem + ".prep.onnx")
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         source = prepared
-    except Exception:  # pre-processing is an optimisation; quantize the plain graph without it
+    except Exception as e:  # pre-processing is an optimisation; quantize the plain graph without it
+        from .progress import Reporter
+        (reporter or Reporter()).warn(f"ONNX Runtime's quantization pre-processing failed ({first_line(e)}); "
+                                      "quantizing the graph as exported")
         source = fp32_path
     quantize_static(str(source), str(out), _Calibration(calibration_inputs, "input"), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -154,7 +127,6 @@ def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -
     except UserError:
         train = []
     if not train:
-        from .predict import collect_image_paths
         train = collect_image_paths([root])
     return sorted(random.Random(0).sample(train, min(count, len(train))))
 
@@ -194,23 +166,22 @@ class Verification:
                 ("verdict", "PASS" if self.passed else "FAIL")]
 
 
-def verify(art, run_export, path: Path, fmt: str, inputs: np.ndarray, labels: np.ndarray,
+def _probabilities_in_chunks(backend: Backend, inputs: np.ndarray, chunk: int = 64) -> np.ndarray:
+    return np.concatenate([backend.probabilities(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
+
+
+def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: np.ndarray, labels: np.ndarray,
            threshold: float) -> Verification:
-    """Compare an exported model (`run_export`: float input N x C x H x W -> probabilities)
-    with the PyTorch artifact on the same preprocessed inputs."""
-    model = art.model.eval()
-
-    def original(x):
-        with torch.inference_mode():
-            return torch.softmax(model(torch.from_numpy(x)).float(), 1).numpy()
-
-    ref = np.concatenate([original(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
-    got = np.concatenate([run_export(inputs[i:i + 64]) for i in range(0, len(inputs), 64)])
+    """Compare an exported model with the reference (the PyTorch artifact) on the same
+    standardized inputs N x C x H x W: top-1 agreement, probabilities, accuracy and latency."""
+    ref = _probabilities_in_chunks(reference, inputs)
+    got = _probabilities_in_chunks(exported, inputs)
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     return Verification(fmt, str(path), agreement, float(np.abs(ref - got).max()),
                         float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean()),
-                        Path(path).stat().st_size / 2**20, _latency_ms(run_export, inputs[:1]),
-                        _latency_ms(original, inputs[:1]), len(labels), threshold, agreement >= threshold)
+                        Path(path).stat().st_size / 2**20, _latency_ms(exported.probabilities, inputs[:1]),
+                        _latency_ms(reference.probabilities, inputs[:1]), len(labels), threshold,
+                        agreement >= threshold)
 
 
 ORT_WEB_VERSION = "1.30.0"
@@ -233,8 +204,9 @@ def _ort_web_tarball() -> Path:
     proc = subprocess.run([npm, "pack", f"onnxruntime-web@{ORT_WEB_VERSION}", "--silent"], cwd=folder,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not tarball.is_file():
-        raise UserError(f"could not fetch onnxruntime-web {ORT_WEB_VERSION} with npm: "
-                        f"{(proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout) else proc.returncode}")
+        said = (proc.stderr or proc.stdout).strip()
+        why = said.splitlines()[-1] if said else proc.returncode  # npm puts the reason last
+        raise UserError(f"could not fetch onnxruntime-web {ORT_WEB_VERSION} with npm: {why}")
     return tarball
 
 
@@ -271,7 +243,8 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     if fmt in ("webapp", "coreml") and int8:
-        raise UserError(f"{'the web app ships' if fmt == 'webapp' else 'Core ML export writes'} the float model; drop --int8")
+        what = "the web app ships" if fmt == "webapp" else "Core ML export writes"
+        raise UserError(f"{what} the float model; drop --int8")
     art = artifact_io.load(model_dir)
     kind = "int8" if int8 else "fp32"
     if fmt == "webapp":
@@ -293,25 +266,34 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
     if reporter:
         reporter.info(f"verifying on {len(labels)} images from {what}")
     calib = _inputs(calibration_set(art, model_dir, data), art.preprocess)[0] if int8 else None
-    if fmt == "tflite":
-        from .export_mobile import TfliteModel, export_tflite
-        if reporter:
-            reporter.info("converting to TFLite with litert-torch" + (" and quantizing to int8" if int8 else ""))
-        export_tflite(art, out, calib)
-        run_export = TfliteModel(out).probabilities_from_input
-    else:
-        if int8:
-            fp32 = export_onnx(art, out.with_name(out.stem + ".fp32-tmp.onnx"))
-            quantize_int8(fp32, out, calib)
-            fp32.unlink()
-        elif fmt == "onnx":
-            export_onnx(art, out)
-        run_export = OnnxModel(out).probabilities_from_input
+    exported = _write_and_open(art, fmt, out, calib, reporter)
+    # the reference backend is made after the export: it reorders the weights' memory in place
+    reference = TorchBackend.from_artifact(art)
     name = "webapp (onnx fp32)" if fmt == "webapp" else f"{fmt} {kind}"
-    result = verify(art, run_export, out, name, inputs, labels, threshold if threshold is not None else THRESHOLDS[kind])
+    result = verify(reference, exported, out, name, inputs, labels,
+                    threshold if threshold is not None else THRESHOLDS[kind])
     if not result.passed:
         result.path = str(_set_aside(out))
     return result
+
+
+def _write_and_open(art, fmt: str, out: Path, calibration: np.ndarray | None, reporter=None) -> Backend:
+    """Write the ONNX or TFLite file (int8 when `calibration` inputs are given; the web app's
+    model.onnx is already written) and open it in its backend for verification."""
+    if fmt == "tflite":
+        from .export_mobile import export_tflite
+        if reporter:
+            int8 = " and quantizing to int8" if calibration is not None else ""
+            reporter.info(f"converting to TFLite with litert-torch{int8}")
+        export_tflite(art, out, calibration)
+        return LiteRTBackend(out)
+    if calibration is not None:
+        fp32 = export_onnx(art, out.with_name(out.stem + ".fp32-tmp.onnx"))
+        quantize_int8(fp32, out, calibration, reporter)
+        fp32.unlink()
+    elif fmt == "onnx":
+        export_onnx(art, out)
+    return OnnxBackend(out)
 
 
 def _set_aside(out: Path) -> Path:

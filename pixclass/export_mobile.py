@@ -23,31 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
-
-
-@contextmanager
-def _captured_output():
-    """File descriptors 1 and 2 go to a temp file (yielded) for the duration: converters print
-    progress and C++ logs straight to them, which would also spoil --json output."""
-    import os
-    import sys
-    import tempfile
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield log
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+from .errors import UserError, first_line
+from .extras import captured_output, require
+from .inference import Probabilities, litert_sidecar
 
 
 @contextmanager
@@ -55,7 +33,7 @@ def _quiet(what: str):
     """Run a conversion step silently; if it fails, one error with the end of what it printed."""
     import sys
     failure, tail = None, []
-    with _captured_output() as log:
+    with captured_output() as log:
         try:
             yield
         except Exception as e:
@@ -65,33 +43,14 @@ def _quiet(what: str):
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-15:]
     if failure is not None:
-        message = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-        raise UserError("\n  ".join([f"{what} failed: {message}"] + tail)) from None
-
-
-def _need(module: str, extra: str):
-    import importlib
-    try:
-        with _captured_output():  # their import-time warnings and logs are noise to a user
-            return importlib.import_module(module)
-    except ImportError:
-        raise UserError(f"this export needs {module.split('.')[0]}: pip install 'pixclass[{extra}]'") from None
-
-
-class _Probabilities(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.softmax(self.model(x), dim=1)
+        raise UserError("\n  ".join([f"{what} failed: {first_line(failure)}"] + tail)) from None
 
 
 def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Path:
     """fp32, or int8 when `calibration` (standardized NCHW inputs) is given."""
-    litert_torch = _need("litert_torch", "tflite")
+    litert_torch = require("litert_torch", "tflite")
     pre = art.preprocess
-    model = litert_torch.to_channel_last_io(_Probabilities(art.model.eval()), args=[0]).eval()
+    model = litert_torch.to_channel_last_io(Probabilities(art.model.eval()), args=[0]).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     float_path = path if calibration is None else path.with_name(path.stem + ".fp32-tmp.tflite")
     with _quiet("TFLite conversion"):
@@ -102,19 +61,15 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
                 _quantize_int8(float_path, path, calibration)
         finally:
             float_path.unlink(missing_ok=True)
-    sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
+    litert_sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                          "input": "NHWC float32, standardized (int8 models: quantized with the "
                                                   "input's scale and zero point)"}, indent=1))
     return path
 
 
-def sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def _quantize_int8(float_path: Path, out: Path, calibration: np.ndarray) -> None:
-    quantizer = _need("ai_edge_quantizer.quantizer", "tflite")
-    recipe = _need("ai_edge_quantizer.recipe", "tflite")
+    quantizer = require("ai_edge_quantizer.quantizer", "tflite")
+    recipe = require("ai_edge_quantizer.recipe", "tflite")
     q = quantizer.Quantizer(str(float_path))
     q.load_quantization_recipe(recipe.static_wi8_ai8())
     nhwc = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1), dtype=np.float32)
@@ -128,55 +83,23 @@ def _signature_input(path: str) -> str:
     return Interpreter(model_path=path).get_signature_list()["serving_default"]["inputs"][0]
 
 
-class TfliteModel:
-    """A .tflite file in the LiteRT interpreter: standardized NCHW float batches -> probabilities
-    (one image per invocation: the model has batch 1, as on a phone)."""
-
-    def __init__(self, path: Path):
-        _need("ai_edge_litert", "tflite")
-        from ai_edge_litert.interpreter import Interpreter
-        try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=1)
-            self.interpreter.allocate_tensors()
-        except Exception as e:
-            raise UserError(f"cannot load TFLite model {path}: {str(e).splitlines()[0]}") from None
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-
-    def probabilities_from_input(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._one(image[None]) for image in np.asarray(x, dtype=np.float32)])
-
-    def _one(self, x: np.ndarray) -> np.ndarray:
-        x = x.transpose(0, 2, 3, 1)
-        scale, zero = self.input["quantization"]
-        if self.input["dtype"] != np.float32:  # a fully quantized model takes its input quantized
-            info = np.iinfo(self.input["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        self.interpreter.set_tensor(self.input["index"], np.ascontiguousarray(x, dtype=self.input["dtype"]))
-        self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"])
-        scale, zero = self.output["quantization"]
-        return (y.astype(np.float32) - zero) * scale if self.output["dtype"] != np.float32 else y
-
-
-class _PixelsIn(nn.Module):
-    """Pixels 0-255 in, probabilities out: Core ML's image input carries one scale for all
+class _StandardizePixels(nn.Module):
+    """Pixels 0-255 in, standardized out: Core ML's image input carries one scale for all
     channels, so the per-channel standardization goes inside the model."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, mean, std):
         super().__init__()
-        self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
 
     def forward(self, x):
-        return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
+        return (x - self.mean) / self.std
 
 
 def export_coreml(art, path: Path) -> Path:
-    ct = _need("coremltools", "coreml")
+    ct = require("coremltools", "coreml")
     pre = art.preprocess
-    model = _PixelsIn(art.model.eval(), pre.mean, pre.std).eval()
+    model = Probabilities(nn.Sequential(_StandardizePixels(pre.mean, pre.std), art.model.eval())).eval()
     example = torch.zeros(1, pre.channels, pre.size, pre.size)
     # torch.export, not TorchScript tracing: timm's "same" padding computes sizes in Python ints,
     # which the TorchScript frontend of coremltools 9 cannot convert
@@ -215,12 +138,12 @@ class SpecCheck:
 
 
 def check_coreml(art, path: Path) -> SpecCheck:
-    ct = _need("coremltools", "coreml")
+    ct = require("coremltools", "coreml")
     result = SpecCheck("coreml (mlprogram)", str(path), size_mb=_size_mb(path))
     try:
         spec = ct.utils.load_spec(str(path))
     except Exception as e:
-        result.checks.append(("loads as a spec", False, str(e).splitlines()[0]))
+        result.checks.append(("loads as a spec", False, first_line(e)))
         return result
     pre = art.preprocess
     result.checks.append(("loads as a spec", True, f"Core ML spec version {spec.specificationVersion}"))

@@ -1,34 +1,200 @@
-"""Placeholder of the backends API (replaced by the inference-backend branch on merge)."""
+"""Inference backends: the one place a model becomes probabilities.
+
+A `Backend` holds a model with its class names and preprocessing and answers `probabilities(x)`
+for a standardized float batch N x C x H x W, or `probabilities_uint8(batch)` for uint8 images
+(preprocessed here, in the memory layout the backend runs fastest on). Three backends:
+- `TorchBackend`: a PyTorch model (a saved artifact, or a model in memory);
+- `OnnxBackend`: an exported .onnx file, run by ONNX Runtime;
+- `LiteRTBackend`: an exported .tflite file, run by the LiteRT interpreter.
+Validation during training, evaluation, prediction, the service, explanation and the export
+checks all go through here, so they can never disagree on how logits become probabilities.
+
+The heavy runtimes (onnxruntime, ai_edge_litert) are imported by the constructors that need them:
+importing this module costs only torch."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+from torch import nn
 
-from .data.transforms import batch_to_input
+from .data.transforms import Preprocess, batch_to_input
+from .errors import UserError, first_line
 
 
 def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    """Logits N x K -> float32 probabilities N x K. The softmax runs in float32 whatever the
+    model's dtype, so a bf16 or fp16 model still gives probabilities that sum to 1."""
+    return torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
 
 
-class TorchBackend:
-    name = "torch"
+class Probabilities(nn.Module):
+    """model -> softmax: the network every export writes, so an exported file answers with
+    probabilities, as the backends do."""
 
-    def __init__(self, model, classes, preprocess):
-        self.model, self.classes, self.preprocess = model.eval(), list(classes), preprocess
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):  # N x C x H x W (standardized) -> N x classes (probabilities)
+        return torch.softmax(self.model(x), dim=1)
+
+
+def _as_float32_array(x) -> np.ndarray:
+    """A numpy array or torch tensor -> C-contiguous float32 numpy (what the runtimes take)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class Backend:
+    """A model with its classes and preprocessing that turns image batches into probabilities."""
+
+    name = "backend"
+    memory_format = torch.contiguous_format  # the layout `probabilities_uint8` standardizes into
+
+    def __init__(self, classes: list[str], preprocess: Preprocess):
+        self.classes, self.preprocess = list(classes), preprocess
+
+    def probabilities(self, x) -> np.ndarray:
+        """Standardized float N x C x H x W (numpy array or torch tensor) -> float32 N x K."""
+        raise NotImplementedError
 
     def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 N x C x H x W (as data.transforms.image_to_uint8 makes them) -> float32 N x K."""
+        return self.probabilities(batch_to_input(batch, self.preprocess, memory_format=self.memory_format))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, {len(self.classes)} classes)"
+
+
+class TorchBackend(Backend):
+    """A PyTorch model on the CPU. The model is put in eval mode and its weights in channels_last
+    memory order, in place: PyTorch's CPU convolutions are fastest with weights and inputs both in
+    it (artifact.save writes contiguous copies, so saving afterwards is unaffected)."""
+
+    name = "torch"
+    memory_format = torch.channels_last
+
+    def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess):
+        super().__init__(classes, preprocess)
+        self.model = model.eval().to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_artifact(cls, art) -> "TorchBackend":
+        return cls(art.model, art.classes, art.preprocess)
+
+    def probabilities(self, x) -> np.ndarray:
+        x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         with torch.inference_mode():
-            return softmax_probabilities(self.model(batch_to_input(batch, self.preprocess)))
+            return softmax_probabilities(self.model(x))
 
 
-def predict_batches(backend, batches):
+class OnnxBackend(Backend):
+    """An ONNX file exported by pixclass (its classes and preprocessing are in the file's
+    metadata), run by ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path, threads: int | None = None):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises its own exception types for a missing or broken file
+            raise UserError(f"cannot load ONNX model {path}: {first_line(e)}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "pixclass_classes" not in meta:
+            raise UserError(f"{path} was not exported by pixclass (no class names or preprocessing in its metadata)")
+        super().__init__(json.loads(meta["pixclass_classes"]),
+                         Preprocess.from_dict(json.loads(meta["pixclass_preprocess"])))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probabilities(self, x) -> np.ndarray:
+        return self.session.run(None, {self.input_name: _as_float32_array(x)})[0]
+
+
+def litert_sidecar(path) -> Path:
+    """The JSON file beside a .tflite model with its class names and preprocessing (a .tflite file
+    has no metadata of its own that Android's tooling would leave alone)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+class LiteRTBackend(Backend):
+    """A .tflite file exported by pixclass in the LiteRT interpreter: NHWC input, batch 1 (as on a
+    phone), so a batch runs one image per invocation. Fully quantized models get their input
+    quantized and their output dequantized here."""
+
+    name = "litert"
+
+    def __init__(self, path):
+        super().__init__(*_read_sidecar(path))  # first: without it the file cannot be used at all
+        from .extras import require
+        interpreter_module = require("ai_edge_litert.interpreter", "tflite", "running a .tflite model")
+        try:
+            self.interpreter = interpreter_module.Interpreter(model_path=str(path), num_threads=1)
+            self.interpreter.allocate_tensors()
+        except Exception as e:  # the interpreter raises ValueError or RuntimeError depending on the failure
+            raise UserError(f"cannot load TFLite model {path}: {first_line(e)}") from None
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def probabilities(self, x) -> np.ndarray:
+        return np.concatenate([self._one(image[None]) for image in _as_float32_array(x)])
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        x = x.transpose(0, 2, 3, 1)
+        scale, zero = self.input["quantization"]
+        if self.input["dtype"] != np.float32:  # a fully quantized model takes its input quantized
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        self.interpreter.set_tensor(self.input["index"], np.ascontiguousarray(x, dtype=self.input["dtype"]))
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        scale, zero = self.output["quantization"]
+        return (y.astype(np.float32) - zero) * scale if self.output["dtype"] != np.float32 else y
+
+
+def _read_sidecar(path) -> tuple[list[str], Preprocess]:
+    side = litert_sidecar(path)
+    try:
+        meta = json.loads(side.read_text())
+        return meta["classes"], Preprocess.from_dict(meta["preprocess"])
+    except FileNotFoundError:
+        raise UserError(f"{path} has no {side.name} beside it (class names and preprocessing); "
+                        "export it with pixclass export --format tflite") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{side} is not a pixclass TFLite description: {first_line(e)}") from None
+
+
+MODEL_SUFFIXES = {".onnx": OnnxBackend, ".tflite": LiteRTBackend}
+
+
+def open_backend(path) -> Backend:
+    """A saved model folder -> TorchBackend, an .onnx file -> OnnxBackend, a .tflite file ->
+    LiteRTBackend."""
+    path = Path(path).expanduser()
+    if path.suffix in MODEL_SUFFIXES:
+        return MODEL_SUFFIXES[path.suffix](path)
+    if path.is_file():
+        raise UserError(f"cannot run {path}: expected a saved model folder, an .onnx or a .tflite file")
+    from . import artifact as artifact_io
+    return TorchBackend.from_artifact(artifact_io.load(path))  # its own one-line error for a bad folder
+
+
+def predict_batches(backend: Backend, batches):
+    """batches yields (uint8 images, labels, indices). Returns (probs N x K, labels N, indices N)."""
     probs, labels, indices = [], [], []
     for images, y, idx in batches:
         probs.append(backend.probabilities_uint8(images))
-        labels.append(np.asarray(y))
-        indices.append(np.asarray(idx))
+        labels.append(y)
+        indices.append(idx)
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(probs), np.concatenate(labels), np.concatenate(indices)
+    return np.concatenate(probs), torch.cat(labels).numpy(), torch.cat(indices).numpy()

@@ -108,7 +108,7 @@ def plotter_for_run(enabled: bool = True) -> InlinePlotter:
 def _warm_up() -> None:
     """Everything a first figure pays for: matplotlib, the Agg canvas, the font cache."""
     from . import plots
-    fig = plots._figure(figsize=(1, 1))
+    fig = plots.new_figure(figsize=(1, 1))
     fig.subplots().set_title("warm-up")
     fig.canvas.draw()
 

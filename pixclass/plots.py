@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _figure(**kwargs):
+def new_figure(**kwargs):
     """A matplotlib Figure drawn by the Agg canvas. The object API, not pyplot: no global figure
     state to leak in long-running processes, and a third of pyplot's import time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -27,7 +27,7 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
 def training_curves(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, train vs val, with fine-tuning phases shaded if present."""
     epochs = [h["epoch"] for h in history]
-    fig = _figure(figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=f"train {key}")
@@ -47,7 +47,7 @@ def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = F
         m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     n = len(classes)
     size = max(4.0, 0.5 * n + 2)
-    fig = _figure(figsize=(size, size))
+    fig = new_figure(figsize=(size, size))
     ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
@@ -66,7 +66,7 @@ def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = F
 
 
 def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
-    fig = _figure(figsize=(4.5, 4.5))
+    fig = new_figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     centers = [(b["low"] + b["high"]) / 2 for b in table]
     width = table[0]["high"] - table[0]["low"] if table else 0.1

@@ -1,5 +1,6 @@
-"""Predict classes for image files with a saved model (artifact folder) or an exported ONNX file.
-Imports only the artifact, decoding and preprocessing: never the training code."""
+"""Predict classes for image files with a saved model (artifact folder) or an exported ONNX or
+TFLite file, through the inference backends. Imports only the artifact, decoding and
+preprocessing: never the training code."""
 
 from __future__ import annotations
 
@@ -8,25 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.decode import decode_image
-from .data.scan import IMAGE_EXTENSIONS, is_hidden
-from .data.transforms import batch_to_input, image_to_uint8
-from .errors import ImageDecodeError, UserError
-
-
-def collect_image_paths(inputs) -> list[Path]:
-    """Files as given, folders searched recursively for image files (hidden entries skipped)."""
-    found = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                            and not any(is_hidden(Path(part)) for part in f.relative_to(p).parts))
-        elif p.exists():
-            found.append(p)
-        else:
-            raise UserError(f"no such file or folder: {p}")
-    return found
+from .data.decode import decode_image, to_mode
+from .data.transforms import image_to_uint8
+from .errors import ImageDecodeError
+from .inference import Backend, TorchBackend, open_backend
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
@@ -35,30 +21,26 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
 
 
 class Predictor:
-    """Decoded images -> probabilities with the artifact's own preprocessing."""
+    """Decoded images -> probabilities with the model's own preprocessing, on any backend."""
 
-    def __init__(self, art):
-        self.artifact = art
-        self.classes, self.preprocess = art.classes, art.preprocess
-        self.model = art.model.eval().to(memory_format=torch.channels_last)
+    def __init__(self, source):
+        """`source`: a Backend, or a loaded artifact (run with PyTorch)."""
+        self.backend = source if isinstance(source, Backend) else TorchBackend.from_artifact(source)
+        self.classes, self.preprocess = self.backend.classes, self.backend.preprocess
 
     @classmethod
     def load(cls, path) -> "Predictor":
-        path = Path(path)
-        if path.suffix == ".onnx":
-            return OnnxPredictor(path)
-        from . import artifact as artifact_io
-        return cls(artifact_io.load(path))
+        """A saved model folder, an .onnx or a .tflite file."""
+        return cls(open_backend(path))
 
-    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
+    def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 N x C x H x W -> probabilities N x K."""
-        with torch.inference_mode():
-            return torch.softmax(self.model(batch_to_input(batch, self.preprocess)).float(), dim=1).numpy()
+        return self.backend.probabilities_uint8(batch)
 
-    def _to_uint8(self, image) -> torch.Tensor:
+    def to_uint8(self, image) -> torch.Tensor:
+        """A PIL image, path or bytes -> uint8 C x H x W at the model's size."""
         c = self.preprocess.channels
         if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image given directly
-            from .data.decode import to_mode
             image = to_mode(image, c)
         else:
             image = decode_image(image, c)
@@ -68,7 +50,7 @@ class Predictor:
         """PIL images, paths or bytes -> probabilities N x K."""
         if not images:
             return np.zeros((0, len(self.classes)), np.float32)
-        return self._probabilities(torch.stack([self._to_uint8(img) for img in images]))
+        return self.probabilities_uint8(torch.stack([self.to_uint8(img) for img in images]))
 
     def predict_files(self, paths: list[Path], k: int = 5, batch_size: int = 64):
         """Returns ([{path, top_k}], [(path, reason)] for unreadable files)."""
@@ -78,25 +60,11 @@ class Predictor:
             chunk, tensors = [], []
             for p in paths[start:start + batch_size]:
                 try:
-                    tensors.append(self._to_uint8(p))
+                    tensors.append(self.to_uint8(p))
                     chunk.append(p)
                 except ImageDecodeError as e:
                     failures.append((p, e.reason))
             if tensors:
-                probs = self._probabilities(torch.stack(tensors))
+                probs = self.probabilities_uint8(torch.stack(tensors))
                 results += [{"path": str(p), "top_k": top_k(row, self.classes, k)} for p, row in zip(chunk, probs)]
         return results, failures
-
-
-class OnnxPredictor(Predictor):
-    """The same predictions from an exported ONNX file, run by ONNX Runtime."""
-
-    def __init__(self, path: Path):
-        from .export import OnnxModel
-        self.onnx = OnnxModel(path)
-        self.artifact = None
-        self.classes, self.preprocess = self.onnx.classes, self.onnx.preprocess
-
-    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        x = batch_to_input(batch, self.preprocess, memory_format=torch.contiguous_format).numpy()
-        return self.onnx.probabilities_from_input(x)

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from pixclass import artifact as artifact_io
-from pixclass.predict import Predictor, collect_image_paths
+from pixclass.data.scan import collect_image_paths
+from pixclass.predict import Predictor
 
 from conftest import run_cli
 

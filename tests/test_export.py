@@ -100,7 +100,7 @@ def test_missing_converter_is_a_clear_error(monkeypatch):
     import pytest
 
     from pixclass.errors import UserError
-    from pixclass.export_mobile import _need
+    from pixclass.extras import require
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if the extra were not installed
     with pytest.raises(UserError, match=r"pip install 'pixclass\[tflite\]'"):
-        _need("litert_torch", "tflite")
+        require("litert_torch", "tflite")

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import DatasetError, UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -41,6 +41,21 @@ def _images_in(folder: Path) -> list[Path]:
             continue
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
             found.append(p)
+    return found
+
+
+def collect_image_paths(inputs) -> list[Path]:
+    """Files as given, folders searched recursively for image files (hidden entries skipped); for
+    predict, explain and export, which take any mix of files and folders."""
+    found = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found += _images_in(p)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
     return found
 
 

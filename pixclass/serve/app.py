@@ -130,7 +130,8 @@ def create_app(settings: Settings) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from .. import artifact as artifact_io
-    from ..predict import Predictor, top_k
+    from ..inference import TorchBackend
+    from ..predict import top_k
 
     registry = CollectorRegistry()
     requests_total = Counter("pixclass_requests_total", "requests", ["route", "status"], registry=registry)
@@ -144,11 +145,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
         art = await loop.run_in_executor(None, artifact_io.load, settings.model)
-        predictor = Predictor(art)
+        backend = TorchBackend.from_artifact(art)
         weights = Path(settings.model) / artifact_io.WEIGHTS_FILE
-        state.update(art=art, predictor=predictor,
+        state.update(art=art, backend=backend,
                      version=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
-        state["batcher"] = Batcher(predictor._probabilities, settings.max_batch, settings.batch_wait_ms / 1000,
+        state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
         pre = art.preprocess

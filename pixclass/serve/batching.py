@@ -12,6 +12,9 @@ import torch
 
 
 class Batcher:
+    """`predict`: uint8 images N x C x H x W -> probabilities N x K, e.g. a backend's
+    `probabilities_uint8` (pixclass.inference); it runs in the batcher's one worker thread."""
+
     def __init__(self, predict, max_batch: int = 32, max_wait_s: float = 0.005, on_batch=None):
         self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_s
         self.on_batch = on_batch or (lambda n, seconds: None)
