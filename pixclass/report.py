@@ -51,7 +51,11 @@ def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[
             items.append((overlay(img, m), f"{Path(r['path']).name}\ntrue {r['true']} / pred {r['predicted']} "
                                           f"{r['probability']:.2f}"))
     except Exception as e:  # an explanation must never cost the report
-        rows.append({"path": f"(Grad-CAM unavailable: {e})", "true": "", "predicted": "", "probability": 0, "loss": 0})
+        from .errors import first_line
+        from .progress import warn
+        warn(f"the report's Grad-CAM gallery is missing: {first_line(e)}")
+        rows.append({"path": f"(Grad-CAM unavailable: {first_line(e)})", "true": "", "predicted": "", "probability": 0,
+                     "loss": 0})
         return None, rows
     return plots.image_gallery(items, out / "top_losses.png"), rows
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..errors import DatasetError, ImageDecodeError
 from .decode import DEFAULT_MAX_PIXELS, open_image
-from .scan import IMAGE_EXTENSIONS, _split_folders, is_hidden
+from .scan import IMAGE_EXTENSIONS, split_folders, is_hidden
 
 NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance at or below which two images count as near-duplicates
 
@@ -84,7 +84,7 @@ class AuditReport:
 
 def _walk(root: Path):
     """(path, label, split, hidden) for every file below root."""
-    split_dirs = _split_folders(root)
+    split_dirs = split_folders(root)
     layout = "split-folders" if "train" in split_dirs else "class-folders"
     tops = {s: d for s, d in split_dirs.items()} if layout == "split-folders" else {"": root}
     entries = []

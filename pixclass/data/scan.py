@@ -63,7 +63,7 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted((d for d in folder.iterdir() if d.is_dir() and not is_hidden(d)), key=lambda d: d.name)
 
 
-def _split_folders(root: Path) -> dict[str, Path]:
+def split_folders(root: Path) -> dict[str, Path]:
     found = {}
     for split, names in _SPLIT_FOLDER_NAMES.items():
         for name in names:
@@ -153,7 +153,7 @@ def _assign_new_file(path: Path, fractions, seed: int) -> str:
 def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Path | None = None) -> ScannedDataset:
     root = Path(root).expanduser()
     _check_root(root)
-    split_dirs = _split_folders(root)
+    split_dirs = split_folders(root)
     if "train" in split_dirs:
         return _scan_split_folders(root, split_dirs, fractions, seed)
     per_class = scan_class_folders(root)
