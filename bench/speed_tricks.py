@@ -53,7 +53,8 @@ def variant_copy(name: str, work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=None, help="folder for data, copies and runs (default: a temp dir)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for data, copies and runs (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pixclass-tricks-"))

@@ -95,7 +95,8 @@ def load(folder) -> Artifact:
     except UserError:
         raise
     except Exception as e:  # a hand-edited or foreign JSON: name what is wrong, no traceback
-        raise UserError(f"{meta_path}: incomplete or invalid model description ({type(e).__name__}: {first_line(e)})") from None
+        raise UserError(f"{meta_path}: incomplete or invalid model description "
+                        f"({type(e).__name__}: {first_line(e)})") from None
     try:
         state = load_file(str(weights_path))
     except Exception as e:

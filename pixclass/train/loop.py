@@ -10,12 +10,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import TrainConfig
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import UserError
+from ..inference import softmax_probabilities
 from ..metrics import cross_entropy
 from ..progress import Reporter
 from .checkpoint import load_checkpoint
@@ -206,9 +208,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 logits = self.model(self.inputs(x, None).to(self.device, non_blocking=True))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            probs.append(softmax_probabilities(logits))
             labels.append(y)
-        probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        probs, labels = np.concatenate(probs), torch.cat(labels).numpy()
         return {"val_loss": cross_entropy(labels, probs), "val_accuracy": float((probs.argmax(1) == labels).mean())}
 
     def fit(self) -> list[dict]:

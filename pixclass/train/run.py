@@ -152,7 +152,8 @@ def _report_setup(data: PreparedData, model, arch: dict, recipe, device, dist, r
     totals = {s: sum(c[s] for c in counts.values()) for s in ("train", "val", "test")}
     reporter.info(f"data: {len(data.classes)} classes, train {totals['train']}, val {totals['val']}, "
                   f"test {totals['test']} images ({data.scanned.layout}); size {data.preprocess.size}px, "
-                  f"mean {[round(m, 3) for m in data.preprocess.mean]} std {[round(s, 3) for s in data.preprocess.std]}")
+                  f"mean {[round(m, 3) for m in data.preprocess.mean]} "
+                  f"std {[round(s, 3) for s in data.preprocess.std]}")
     total, _ = count_parameters(model)
     pre = data.preprocess
     reporter.info(f"model {arch['name']}: {total:,} parameters, input {pre.channels}x{pre.size}x{pre.size}; "

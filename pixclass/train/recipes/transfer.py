@@ -196,9 +196,9 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
                                  schedule="cosine" if tc.schedule == "constant" else tc.schedule)
     if cut == 0:
         images = {k: _decoded(getattr(job.data, k), pre, job.reporter) for k in ("train", "val", "test")}
-        trainer = Trainer(model, images["train"], images["val"], ft_cfg, ImageInputs(pre, build_augment(job.cfg.augment)),
-                          job.reporter, hooks=_phase_hooks(job, True), phase="finetune", history=history,
-                          dist=job.dist, device=device)
+        inputs = ImageInputs(pre, build_augment(job.cfg.augment))
+        trainer = Trainer(model, images["train"], images["val"], ft_cfg, inputs, job.reporter,
+                          hooks=_phase_hooks(job, True), phase="finetune", history=history, dist=job.dist, device=device)
         held_out_of = lambda: held_out_on_images(model, job.data, images)  # noqa: E731
     else:
         tail = Tail(model, cut)
