@@ -66,8 +66,9 @@ class Checkpoints:
         self._save(trainer, final=False)
 
     def after_epoch(self, trainer, row: dict, last: bool) -> None:
-        if trainer.improved:
-            self._best = copy.deepcopy(self._model(trainer).state_dict())
+        if trainer.improved:  # the trainer's own copy where it trains the saved model itself
+            self._best = trainer.best_state if self.saved_model is None else copy.deepcopy(
+                self.saved_model.state_dict())
         self._save(trainer, final=last and self.at_phase_end)
 
     def _model(self, trainer) -> nn.Module:
