@@ -32,12 +32,15 @@ class ImageFolder:
         self.reporter = Reporter(quiet)
         self._scanned, self._data = None, None
 
-    @property
-    def classes(self) -> list[str]:
+    def _scan(self):
         if self._scanned is None:
             from .data.scan import scan_dataset
             self._scanned = scan_dataset(self.path, self.data_config.split, self.seed, self.manifest)
-        return self._scanned.classes
+        return self._scanned
+
+    @property
+    def classes(self) -> list[str]:
+        return self._scan().classes
 
     def _prepared(self):
         if self._data is None:
@@ -68,9 +71,9 @@ class ImageFolder:
 
     def files(self, split: str) -> tuple[list[Path], list[int]]:
         """(paths, class indices) of one split ("train", "val" or "test"), not decoded."""
-        self.classes  # noqa: B018 (scans on first use)
-        index = {c: i for i, c in enumerate(self._scanned.classes)}
-        samples = self._scanned.split(split)
+        scanned = self._scan()
+        index = {c: i for i, c in enumerate(scanned.classes)}
+        samples = scanned.split(split)
         return [s.path for s in samples], [index[s.label] for s in samples]
 
 

@@ -47,9 +47,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         reporter.warn(f"the {recipe.name} recipe trains in one process; the other {dist.world - 1} stay idle")
         dist = distributed.Dist()
     if resume is not None and not recipe.resumable:
-        raise UserError(f"--resume is not available for the {recipe.name} recipe "
-                        + ("(a pretrained run restarts in seconds from its feature cache)" if recipe.name == "transfer"
-                           else "(it trains in minutes; start it again)"))
+        raise UserError(f"--resume is not available for the {recipe.name} recipe ({recipe.restart_note})")
     # the report's figures are drawn by a worker process that imports matplotlib now, while this
     # process imports the model's libraries and trains (see plot_worker)
     plotter = plotter_for_run(enabled=dist.main)
@@ -61,8 +59,8 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
 
 def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, plotter) -> dict:
     device = distributed.choose_device(cfg.train.device, dist)
-    if not recipe.distributed:
-        device = torch.device("cpu")  # the fast recipe is written for CPUs
+    if recipe.cpu_only:
+        device = torch.device("cpu")
     distributed.init(dist, device)
     started = time.perf_counter()
     set_max_pixels(cfg.data.max_pixels)
@@ -109,7 +107,8 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
 def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float) -> dict:
     """The artifact, the evaluation of the held-out split and the report: the same for every recipe."""
     data, cfg = job.data, job.cfg
-    report_skipped([s for s in result.skipped if s not in data.skipped], job.reporter)  # prepare_data named those
+    already_named = set(data.skipped)  # by prepare_data
+    report_skipped([s for s in result.skipped if s not in already_named], job.reporter)
     metrics = {}
     if result.held_out is not None:
         held = result.held_out

@@ -62,6 +62,8 @@ class Recipe:
     decodes_images = True  # False: the recipe reads the files itself (prepare_data only lists them)
     distributed = True  # False: under torchrun rank 0 trains alone and the other ranks exit at once
     resumable = False  # whether `--resume` can continue an interrupted run
+    restart_note = "it trains in minutes; start it again"  # said when --resume is refused
+    cpu_only = False  # True: runs on the CPU whatever device is available
 
     def model_name(self, cfg: RunConfig) -> str:
         """The network to train when the user named this recipe: `cfg.model.name`, with "auto"

@@ -132,6 +132,7 @@ class FastRecipe(Recipe):
     name = "fast"
     description = "airbench-style from-scratch training for small images, on the CPU"
     distributed = False  # one process: the whole dataset in memory, the batches built on tensors
+    cpu_only = True  # autocast, whitening and TTA are written for the CPU
 
     def model_name(self, cfg) -> str:
         return "airbench" if cfg.model.name == "auto" else cfg.model.name

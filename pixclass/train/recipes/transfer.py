@@ -95,6 +95,7 @@ class TransferRecipe(Recipe):
     name = "transfer"
     description = "head on cached features of a frozen pretrained backbone, then fine-tuning"
     decodes_images = False  # the files are decoded once, for the frozen part's features
+    restart_note = "a pretrained run restarts in seconds from its feature cache"
 
     def check(self, cfg: RunConfig, family) -> None:
         if family.default_recipe(cfg.model.name, cfg.model) != "transfer":
