@@ -63,22 +63,30 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray, reporter=None) -> Path:
+    """Static int8 (QDQ: uint8 activations, int8 per-channel weights) whose integer arithmetic is
+    the same on every x86 CPU. Without VNNI, ONNX Runtime multiplies uint8 by int8 with VPMADDUBSW,
+    which adds two neighbouring products into a saturating int16: 255*127 + 255*127 does not fit,
+    so on AVX2-only CPUs large sums are clipped while VNNI (and ARM) sum them exactly, and the same
+    file answers differently. 7-bit weights (`reduce_range`, ONNX Runtime's advice for non-VNNI
+    CPUs: |w| <= 64) keep every pair within 2*255*64 = 32640 < 32767, so nothing saturates anywhere."""
+    import tempfile
+
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    prepared = out.with_name(out.stem + ".prep.onnx")
-    try:
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        source = prepared
-    except Exception as e:  # pre-processing is an optimisation; quantize the plain graph without it
-        from .progress import Reporter
-        (reporter or Reporter()).warn(f"ONNX Runtime's quantization pre-processing failed ({first_line(e)}); "
-                                      "quantizing the graph as exported")
-        source = fp32_path
-    quantize_static(str(source), str(out), _Calibration(calibration_inputs, "input"), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax)
-    prepared.unlink(missing_ok=True)
-    import onnx
+    with tempfile.TemporaryDirectory(prefix="pixclass-int8-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            source = prepared
+        except Exception as e:  # pre-processing is an optimisation; quantize the plain graph without it
+            from .progress import Reporter
+            (reporter or Reporter()).warn(f"ONNX Runtime's quantization pre-processing failed ({first_line(e)}); "
+                                          "quantizing the graph as exported")
+            source = fp32_path
+        quantize_static(str(source), str(out), _Calibration(calibration_inputs, "input"),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
     proto, meta = onnx.load(str(out)), onnx.load(str(fp32_path)).metadata_props
     del proto.metadata_props[:]
     proto.metadata_props.extend(meta)
@@ -95,7 +103,7 @@ def _inputs(paths: list[Path], pre: Preprocess) -> tuple[np.ndarray, list[int]]:
         except ImageDecodeError:
             continue
     if not tensors:
-        raise UserError("none of the held-out images could be read")
+        return np.zeros((0, pre.channels, pre.size, pre.size), np.float32), kept
     x = batch_to_input(torch.stack(tensors), pre, memory_format=torch.contiguous_format)
     return x.numpy(), kept
 
@@ -116,13 +124,52 @@ def held_out_set(art, model_dir: Path, data: Path | None, limit: int = 1000):
     return paths, labels, what
 
 
-def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -> list[Path]:
-    """A seeded sample of training images (the run's manifest, or DATA/train)."""
-    from .data.scan import scan_dataset
+# Agreement is a count over images: on 18 images one disagreement is 0.056, more than the whole int8
+# margin (1 - 0.97), so the check would demand 100%. On 300 one image moves it by 0.0033.
+VERIFY_IMAGES = 300
+
+
+@dataclass
+class VerificationSet:
+    """Standardized inputs to compare an export with the original on. The first `len(labels)` are
+    the held-out images (accuracy is scored on those); the rest top the set up to VERIFY_IMAGES from
+    the data's other images, because agreement needs no held-out labels."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    what: str
+
+
+def verification_set(art, model_dir: Path, data: Path | None, calibration: list[Path] = ()) -> VerificationSet:
+    paths, labels, what = held_out_set(art, model_dir, data)
+    inputs, kept = _inputs(paths, art.preprocess)
+    if not kept:
+        raise UserError("none of the held-out images could be read")
+    labels = np.asarray([labels[i] for i in kept])
+    if len(labels) >= VERIFY_IMAGES:
+        return VerificationSet(inputs, labels, what)
     root = _run_data(art, model_dir, data)
+    held = {Path(p).resolve() for p in paths}
+    avoid = {Path(p).resolve() for p in calibration}  # the quantizer's scales were set on these: easier
+    others = [p for p in collect_image_paths([root]) if p.resolve() not in held]
+    random.Random(0).shuffle(others)
+    others.sort(key=lambda p: p.resolve() in avoid)
+    extra = _inputs(others[:VERIFY_IMAGES - len(labels)], art.preprocess)[0]
+    if len(extra):
+        what += f" and {len(extra)} other images of {root}"
+    return VerificationSet(np.concatenate([inputs, extra]), labels, what)
+
+
+def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -> list[Path]:
+    """A seeded sample of training images: the run's own training split where its data is still
+    there (so that --data stays images the quantizer never saw), else DATA/train or DATA."""
+    from .data.scan import scan_dataset
+    trained_on = art.config.get("data", {}).get("path")
+    own = bool(trained_on) and Path(trained_on).is_dir()
+    root = Path(trained_on) if own else _run_data(art, model_dir, data)
     manifest = Path(model_dir).parent / "manifest.csv"
     try:
-        scanned = scan_dataset(root, manifest=manifest if manifest.is_file() else None)
+        scanned = scan_dataset(root, manifest=manifest if own and manifest.is_file() else None)
         train = [s.path for s in scanned.samples if s.split == "train"]
     except UserError:
         train = []
@@ -152,15 +199,16 @@ class Verification:
     size_mb: float
     latency_ms: float
     latency_original_ms: float
-    n: int
+    n: int  # images agreement is measured on
     threshold: float
     passed: bool
+    n_held_out: int = 0  # of those, the held-out ones that accuracy is scored on
 
     def rows(self) -> list[tuple[str, str]]:
-        return [("format", self.format), ("file", self.path), ("images", str(self.n)),
+        return [("format", self.format), ("file", self.path), ("images", f"{self.n} ({self.n_held_out} held out)"),
                 ("top-1 agreement", f"{self.agreement:.4f} (needs >= {self.threshold})"),
                 ("max |probability difference|", f"{self.max_prob_diff:.2e}"),
-                ("accuracy original / export", f"{self.accuracy_original:.4f} / {self.accuracy_export:.4f}"),
+                ("held-out accuracy original / export", f"{self.accuracy_original:.4f} / {self.accuracy_export:.4f}"),
                 ("file size", f"{self.size_mb:.2f} MB"),
                 ("batch-1 latency original / export", f"{self.latency_original_ms:.2f} / {self.latency_ms:.2f} ms"),
                 ("verdict", "PASS" if self.passed else "FAIL")]
@@ -173,15 +221,17 @@ def _probabilities_in_chunks(backend: Backend, inputs: np.ndarray, chunk: int = 
 def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: np.ndarray, labels: np.ndarray,
            threshold: float) -> Verification:
     """Compare an exported model with the reference (the PyTorch artifact) on the same
-    standardized inputs N x C x H x W: top-1 agreement, probabilities, accuracy and latency."""
+    standardized inputs N x C x H x W: top-1 agreement and probabilities on all of them, accuracy
+    on the first len(labels) (the held-out ones), latency."""
     ref = _probabilities_in_chunks(reference, inputs)
     got = _probabilities_in_chunks(exported, inputs)
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+    held = len(labels)
     return Verification(fmt, str(path), agreement, float(np.abs(ref - got).max()),
-                        float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean()),
+                        float((ref[:held].argmax(1) == labels).mean()), float((got[:held].argmax(1) == labels).mean()),
                         Path(path).stat().st_size / 2**20, _latency_ms(exported.probabilities, inputs[:1]),
-                        _latency_ms(reference.probabilities, inputs[:1]), len(labels), threshold,
-                        agreement >= threshold)
+                        _latency_ms(reference.probabilities, inputs[:1]), len(inputs), threshold,
+                        agreement >= threshold, held)
 
 
 ORT_WEB_VERSION = "1.30.0"
@@ -260,17 +310,19 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
         if not result.passed:
             result.path = str(_set_aside(out))
         return result
-    paths, labels, what = held_out_set(art, model_dir, data)
-    inputs, kept = _inputs(paths, art.preprocess)
-    labels = np.asarray([labels[i] for i in kept])
+    calibration = calibration_set(art, model_dir, data) if int8 else []
+    verifying = verification_set(art, model_dir, data, calibration)
     if reporter:
-        reporter.info(f"verifying on {len(labels)} images from {what}")
-    calib = _inputs(calibration_set(art, model_dir, data), art.preprocess)[0] if int8 else None
+        reporter.info(f"verifying on {len(verifying.inputs)} images: {verifying.what}")
+        if len(verifying.inputs) < VERIFY_IMAGES:
+            reporter.warn(f"only {len(verifying.inputs)} images to verify on: one disagreement moves the "
+                          f"agreement by {1 / len(verifying.inputs):.3f}; --data DIR can give more")
+    calib = _inputs(calibration, art.preprocess)[0] if int8 else None
     exported = _write_and_open(art, fmt, out, calib, reporter)
     # the reference backend is made after the export: it reorders the weights' memory in place
     reference = TorchBackend.from_artifact(art)
     name = "webapp (onnx fp32)" if fmt == "webapp" else f"{fmt} {kind}"
-    result = verify(reference, exported, out, name, inputs, labels,
+    result = verify(reference, exported, out, name, verifying.inputs, verifying.labels,
                     threshold if threshold is not None else THRESHOLDS[kind])
     if not result.passed:
         result.path = str(_set_aside(out))
@@ -288,9 +340,9 @@ def _write_and_open(art, fmt: str, out: Path, calibration: np.ndarray | None, re
         export_tflite(art, out, calibration)
         return LiteRTBackend(out)
     if calibration is not None:
-        fp32 = export_onnx(art, out.with_name(out.stem + ".fp32-tmp.onnx"))
-        quantize_int8(fp32, out, calibration, reporter)
-        fp32.unlink()
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="pixclass-export-") as work:
+            quantize_int8(export_onnx(art, Path(work) / "model.fp32.onnx"), out, calibration, reporter)
     elif fmt == "onnx":
         export_onnx(art, out)
     return OnnxBackend(out)

@@ -15,6 +15,7 @@ every class. It cannot run outside macOS, so on Linux the check is of what the f
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +53,14 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
     pre = art.preprocess
     model = litert_torch.to_channel_last_io(Probabilities(art.model.eval()), args=[0]).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    float_path = path if calibration is None else path.with_name(path.stem + ".fp32-tmp.tflite")
-    with _quiet("TFLite conversion"):
-        litert_torch.convert(model, (torch.zeros(1, pre.size, pre.size, pre.channels),)).export(str(float_path))
-    if calibration is not None:
-        try:
+    with tempfile.TemporaryDirectory(prefix="pixclass-tflite-") as work:
+        # the float model of an int8 export is an intermediate: kept out of the user's folder
+        float_path = path if calibration is None else Path(work) / "model.fp32.tflite"
+        with _quiet("TFLite conversion"):
+            litert_torch.convert(model, (torch.zeros(1, pre.size, pre.size, pre.channels),)).export(str(float_path))
+        if calibration is not None:
             with _quiet("TFLite int8 quantization"):
                 _quantize_int8(float_path, path, calibration)
-        finally:
-            float_path.unlink(missing_ok=True)
     litert_sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                          "input": "NHWC float32, standardized (int8 models: quantized with the "
                                                   "input's scale and zero point)"}, indent=1))
