@@ -24,7 +24,7 @@ from .data.decode import decode_image
 from .data.scan import collect_image_paths
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError, first_line
-from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend
+from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend, litert_sidecar
 
 OPSET = 17
 THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
@@ -295,13 +295,17 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
     if fmt in ("webapp", "coreml") and int8:
         what = "the web app ships" if fmt == "webapp" else "Core ML export writes"
         raise UserError(f"{what} the float model; drop --int8")
+    if fmt == "webapp":
+        folder = Path(out) if out else model_dir.parent / "webapp"
+        check_destination(fmt, folder, model_dir)
+        out = folder / "model.onnx"
+    else:
+        out = Path(out) if out else model_dir / f"model{'.int8' if int8 else ''}{SUFFIXES[fmt]}"
+        check_destination(fmt, out, model_dir)
     art = artifact_io.load(model_dir)
     kind = "int8" if int8 else "fp32"
     if fmt == "webapp":
-        folder = Path(out) if out else model_dir.parent / "webapp"
         build_webapp(art, folder)
-        out = folder / "model.onnx"
-    out = Path(out) if out else model_dir / f"model{'.int8' if int8 else ''}{SUFFIXES[fmt]}"
     if fmt == "coreml":
         from .export_mobile import check_coreml, export_coreml
         if reporter:
@@ -346,6 +350,68 @@ def _write_and_open(art, fmt: str, out: Path, calibration: np.ndarray | None, re
     elif fmt == "onnx":
         export_onnx(art, out)
     return OnnxBackend(out)
+
+
+def _written_paths(fmt: str, out: Path) -> list[Path]:
+    """What an export to `out` creates or replaces: the file (a folder for Core ML and the web app),
+    its `.unverified` name and, for TFLite, the JSON beside it."""
+    if fmt == "webapp":
+        return [out]
+    paths = [out, out.with_name(out.name + ".unverified")]
+    return paths + [litert_sidecar(out)] if fmt == "tflite" else paths
+
+
+def _is_earlier_export(fmt: str, path: Path) -> bool:
+    """Whether an existing `path` is something an earlier export of this format wrote, which a new
+    export may replace; anything else (the user's own files) is never overwritten."""
+    try:
+        if path.is_symlink():
+            return False
+        if fmt in ("coreml", "webapp"):  # both write folders
+            if not path.is_dir():
+                return False
+            names = {p.name for p in path.iterdir()}
+            mine = {"Manifest.json"} if fmt == "coreml" else {"index.html", "meta.json", "sw.js"}
+            return not names or mine <= names
+        if not path.is_file():
+            return False
+        if fmt == "tflite":
+            if path.name.endswith(".json"):
+                return {"classes", "preprocess"} <= set(json.loads(path.read_text()))
+            with open(path, "rb") as f:
+                return f.read(8)[4:] == b"TFL3"  # the FlatBuffer file identifier of a TFLite model
+        import onnx
+        proto = onnx.load(str(path), load_external_data=False)
+        return any(p.key == "pixclass_classes" for p in proto.metadata_props)
+    except Exception:  # unreadable or not the format: not ours
+        return False
+
+
+def check_destination(fmt: str, out: Path, model_dir: Path) -> None:
+    """Refuse, before any work, an --out that would replace the model folder or one of its files,
+    overwrite a file that is not an earlier export, or cannot be written."""
+    import os
+    import tempfile
+    model_dir = Path(model_dir).resolve()
+    own_files = [f for f in (model_dir / artifact_io.WEIGHTS_FILE, model_dir / artifact_io.META_FILE) if f.is_file()]
+    for path in _written_paths(fmt, out):
+        target = path.resolve()
+        if target == model_dir or target in model_dir.parents:
+            raise UserError(f"--out {out} would replace the model folder {model_dir}; choose a new name")
+        if any(target == f or (path.exists() and os.path.samefile(path, f)) for f in own_files):
+            raise UserError(f"--out {out} would overwrite the model's own {target.name}; choose a new name")
+        if (path.exists() or path.is_symlink()) and not _is_earlier_export(fmt, path):
+            raise UserError(f"--out {out}: {path} already exists and is not an earlier export; "
+                            "remove it or choose another name")
+    folder = out if fmt == "webapp" and out.is_dir() else out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {folder} ({e.strerror or first_line(e)})") from None
 
 
 def _set_aside(out: Path) -> Path:

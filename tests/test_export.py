@@ -172,3 +172,83 @@ def test_missing_converter_is_a_clear_error(monkeypatch):
     with pytest.raises(UserError, match=r"pip install 'pixclass\[tflite\]'"):
         require("litert_torch", "tflite")
 
+
+def _export_in_process(capsys, *args) -> tuple[int, str]:
+    """`pixclass export ARGS` through cli.main in this process: (exit code, stderr)."""
+    from pixclass.cli import main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", *map(str, args)])
+    return exit_.value.code, capsys.readouterr().err
+
+
+def _one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def model_copy(trained_run, tmp_path) -> Path:
+    """A run folder of its own (run/model + manifest), so a failing test cannot damage the shared one."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(Path(trained_run["model_dir"]).parent, run, ignore=shutil.ignore_patterns("checkpoints"))
+    return run / "model"
+
+
+def test_export_never_overwrites_the_model_it_exports(model_copy, capsys):
+    """Issue 16, case 3: `export RUN/model --out RUN/model/model.safetensors` printed PASS and the
+    weights were gone."""
+    import os
+    before = {p.name: p.read_bytes() for p in model_copy.iterdir()}
+    os.symlink(model_copy / "model.safetensors", model_copy.parent / "link.onnx")
+    refused = [(["--out", model_copy / "model.safetensors"], "model's own model.safetensors"),
+               (["--out", model_copy / "pixclass.json", "--int8"], "model's own pixclass.json"),
+               (["--out", model_copy / "model.safetensors", "--format", "coreml"], "model's own model.safetensors"),
+               (["--out", model_copy / "pixclass", "--format", "tflite"], "model's own pixclass.json"),  # its .json
+               (["--out", model_copy.parent / "link.onnx"], "model's own model.safetensors"),
+               (["--out", model_copy], "would replace the model folder"),
+               (["--out", model_copy.parent, "--format", "webapp"], "would replace the model folder")]
+    for args, why in refused:
+        assert why in _one_error_line(*_export_in_process(capsys, model_copy, *args)), args
+    assert {p.name: p.read_bytes() for p in model_copy.iterdir()} == before
+
+
+def test_export_refuses_an_existing_file_it_did_not_write_and_replaces_its_own(model_copy, tmp_path, capsys):
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    line = _one_error_line(*_export_in_process(capsys, model_copy, "--out", notes))
+    assert "already exists and is not an earlier export" in line and notes.read_text() == "my notes"
+    page = tmp_path / "site"
+    page.mkdir()
+    (page / "index.html").write_text("my page")
+    _one_error_line(*_export_in_process(capsys, model_copy, "--format", "webapp", "--out", page))
+    assert (page / "index.html").read_text() == "my page" and len(list(page.iterdir())) == 1
+    # an earlier export is replaced: exporting twice to the same file works
+    for _ in range(2):
+        code, err = _export_in_process(capsys, model_copy, "--out", tmp_path / "m.onnx")
+        assert code == 0, err
+
+
+def test_export_to_an_unwritable_place_is_one_error_line_before_any_work(model_copy, tmp_path, capsys):
+    """Issue 16, case 9: FileExistsError / OSError tracebacks. The data folder given does not exist,
+    so an error about --out shows that --out was checked before the data was read."""
+    import os
+    gone = tmp_path / "no-such-data"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    line = _one_error_line(*_export_in_process(capsys, model_copy, "--out", a_file / "sub" / "m.onnx", "--data", gone))
+    assert f"{a_file} is a file, not a folder" in line
+    line = _one_error_line(*_export_in_process(capsys, model_copy, "--out", tmp_path / "new" / "m.onnx", "--data", gone))
+    assert "--data DIR" in line  # the same command with a good --out reaches the data check
+    if os.geteuid() == 0:
+        return  # permissions do not stop root: the read-only case cannot be made here
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = _one_error_line(*_export_in_process(capsys, model_copy, "--out", locked / "m.onnx", "--data", gone))
+        assert f"cannot write in {locked}" in line
+    finally:
+        locked.chmod(0o700)
