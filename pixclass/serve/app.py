@@ -23,15 +23,14 @@ from fastapi import Depends, FastAPI, File, Header, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from ..data.decode import DEFAULT_MAX_PIXELS, decode_image
-from ..data.transforms import image_to_uint8
-from ..errors import ImageDecodeError
+from ..data.decode import DEFAULT_MAX_PIXELS
 from .batching import Batcher
+from .errors import ApiError, ErrorBody, _send_json
+from .uploads import UploadDecoder
 
-
-# uploads up to this size are decoded on the event loop (well under a millisecond for a small
-# PNG or JPEG); larger ones in a thread, so one big photo never stalls the health checks
-INLINE_DECODE_BYTES = 64 * 1024
+# a request's images may add up to this many times the per-image pixel limit (unless set): room for
+# a batch of phone photos, not for dozens of images at the limit
+REQUEST_PIXELS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,11 @@ class Settings:
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     top_k: int = 5
+    max_request_pixels: int | None = None  # None: REQUEST_PIXELS_FACTOR x max_pixels
 
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
+    @property
+    def request_pixels(self) -> int:
+        return self.max_request_pixels or REQUEST_PIXELS_FACTOR * self.max_pixels
 
 
 class FilePrediction(BaseModel):
@@ -61,13 +60,9 @@ class PredictResponse(BaseModel):
     predictions: list[FilePrediction]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str):
-        self.status, self.error, self.detail = status, error, detail
-
-
 def _errors(*codes: int) -> dict:
-    text = {400: "bad request", 401: "missing or wrong bearer token", 413: "upload or image too large",
+    text = {400: "bad request", 401: "missing or wrong bearer token",
+            413: "upload, image or the request's images together too large",
             415: "not an allowed image format", 422: "image could not be decoded", 503: "model not loaded yet"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
@@ -117,15 +112,6 @@ class BodyLimit:
                 raise
 
 
-async def _send_json(send, status: int, error: str, detail: str) -> None:
-    import json
-    body = json.dumps({"error": error, "detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def create_app(settings: Settings) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -152,12 +138,14 @@ def create_app(settings: Settings) -> FastAPI:
         state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
+        state["decoder"] = UploadDecoder(art.preprocess, settings.max_pixels, settings.request_pixels)
         pre = art.preprocess
         await state["batcher"].submit([torch.zeros(pre.channels, pre.size, pre.size, dtype=torch.uint8)])  # warm-up
         state["ready"] = True
         yield
         state["ready"] = False
         await state["batcher"].stop()
+        state["decoder"].close()
 
     app = FastAPI(title="pixclass", version="1", lifespan=lifespan,
                   description="Image classification with a pixclass model. Every error has a JSON body.")
@@ -181,29 +169,13 @@ def create_app(settings: Settings) -> FastAPI:
         if not state["ready"]:
             raise ApiError(503, "not_ready", "the model is still loading")
 
-    async def decode(upload: UploadFile) -> torch.Tensor:
-        data = await upload.read()
-        art = state["art"]
-
-        def work():
-            image = decode_image(data, art.preprocess.channels, settings.max_pixels)
-            return image_to_uint8(image, art.preprocess)
-        try:
-            if len(data) <= INLINE_DECODE_BYTES:  # a thread hop costs more than decoding a small file
-                return work()
-            return await asyncio.get_running_loop().run_in_executor(None, work)
-        except ImageDecodeError as e:
-            status = {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
-            raise ApiError(status, {"unsupported": "unsupported_format", "too_large": "too_large"}.get(e.kind, "undecodable"),
-                           f"{upload.filename}: {e.reason}") from None
-
     v1 = [Depends(authorized), Depends(ready)]
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=v1,
               responses=_errors(400, 401, 413, 415, 422, 503))
     async def predict(files: list[UploadFile] = File(..., description="one or more images"),
                       k: int = Query(settings.top_k, ge=1, le=1000, description="how many classes per image")):
-        tensors = [await decode(f) for f in files]
+        tensors = await state["decoder"].tensors(files)
         probs = await state["batcher"].submit(tensors)
         classes = state["art"].classes
         return {"model": state["art"].arch["name"], "version": state["version"],
@@ -216,7 +188,7 @@ def create_app(settings: Settings) -> FastAPI:
         from ..explain import METHODS, Explainer, overlay
         if method not in METHODS:
             raise ApiError(400, "bad_request", f"method must be one of {', '.join(METHODS)}")
-        tensor = await decode(file)
+        [tensor] = await state["decoder"].tensors([file])
 
         def work():
             from PIL import Image
