@@ -126,3 +126,26 @@ def _multipart(images: list[bytes], boundary: str = "pixclass-test") -> tuple[by
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="f{i}.png"\r\n'
              f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for i, data in enumerate(images)]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+# case 6 ------------------------------------------------------------------------------------------
+
+def test_metrics_series_stay_bounded_under_random_paths(trained_run):
+    from fastapi.testclient import TestClient
+
+    from pixclass.serve.app import Settings, create_app
+    rng = random.Random(0)
+    paths = ["/" + "".join(rng.choices(string.ascii_lowercase, k=12)) for _ in range(200)]
+    with TestClient(create_app(Settings(model=str(trained_run["model_dir"])))) as client:
+        for path in paths:
+            assert client.get(path).status_code == 404
+        client.get("/static/nothing-here.js")
+        client.post("/healthz")
+        assert client.get("/healthz").status_code == 200
+        text = client.get("/metrics").text
+    series = [line for line in text.splitlines() if line.startswith("pixclass_requests_total{")]
+    assert not any(path in text for path in paths)
+    assert 'route="unmatched",status="404"} 200.0' in text
+    assert 'route="/static/{name}",status="404"' in text and 'route="/healthz",status="405"' in text
+    assert len(series) <= 6, series
+    assert len(text) < 20_000

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from ..data.decode import DEFAULT_MAX_PIXELS
 from .batching import Batcher
 from .errors import ApiError, ErrorBody, _send_json
+from .metrics import Metrics
 from .uploads import UploadDecoder
 
 # a request's images may add up to this many times the per-image pixel limit (unless set): room for
@@ -236,36 +237,8 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(static.joinpath(name).read_text(), media_type=media)
 
     app.add_middleware(BodyLimit, limit_bytes=int(settings.max_upload_mb * 2**20))
-    app.add_middleware(Metrics, requests_total=requests_total, latency=latency)
+    app.add_middleware(Metrics, requests_total=requests_total, latency=latency, routes=app.router.routes)
     return app
-
-
-class Metrics:
-    """ASGI middleware: request counts by route and status, and the latency histogram. Plain ASGI
-    rather than @app.middleware("http"), whose per-request streaming wrapper measured a
-    noticeable share of a small model's request time."""
-
-    def __init__(self, app, requests_total, latency):
-        self.app, self.requests_total, self.latency = app, requests_total, latency
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        import time
-        status = 500
-        start = time.perf_counter()
-
-        async def recording_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = scope.get("path", "")
-            self.latency.labels(route).observe(time.perf_counter() - start)
-            self.requests_total.labels(route, str(status)).inc()
 
 
 def create_app_from_env() -> FastAPI:
