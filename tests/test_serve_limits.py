@@ -149,3 +149,106 @@ def test_metrics_series_stay_bounded_under_random_paths(trained_run):
     assert 'route="/static/{name}",status="404"' in text and 'route="/healthz",status="405"' in text
     assert len(series) <= 6, series
     assert len(text) < 20_000
+
+
+# case 7 ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict_client(trained_run):
+    """The app with a 1 MB upload limit, a token, and one route that fails unexpectedly."""
+    from fastapi.testclient import TestClient
+
+    from pixclass.serve.app import Settings, create_app
+    app = create_app(Settings(model=str(trained_run["model_dir"]), max_upload_mb=1.0, token="s3cret"))
+
+    @app.get("/fails", include_in_schema=False)
+    async def fails():
+        raise RuntimeError("a bug")
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer s3cret"}) as client:
+        yield client
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, error", [
+    ("get", "/no/such/route", {}, 404, "not_found"),
+    ("delete", "/v1/predict", {}, 405, "method_not_allowed"),
+    ("post", "/v1/predict", {}, 400, "bad_request"),  # no files: request validation
+    ("post", "/v1/predict?k=zero", {"files": [("files", ("a.png", _png(), "image/png"))]}, 400, "bad_request"),
+    ("post", "/v1/predict", {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}},
+     400, "bad_request"),  # multipart without a boundary: the parser's error
+    ("get", "/v1/model", {"headers": {"Authorization": "Bearer wrong"}}, 401, "unauthorized"),
+    ("post", "/v1/predict", {"files": [("files", ("a.png", b"\0" * (3 * 2**20), "image/png"))]}, 413, "too_large"),
+    ("post", "/v1/predict", {"files": [("files", ("a.txt", b"plain text", "text/plain"))]}, 415, "unsupported_format"),
+    ("post", "/v1/predict", {"files": [("files", ("a.png", _png()[:60], "image/png"))]}, 422, "undecodable"),
+    ("get", "/fails", {}, 500, "internal"),
+])
+def test_every_error_has_the_one_json_shape(strict_client, method, path, kwargs, status, error):
+    r = getattr(strict_client, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == error and isinstance(body["detail"], str)
+    assert body["detail"]
+
+
+def test_the_error_shape_is_documented(strict_client):
+    spec = strict_client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in str(spec)
+    assert set(spec["components"]["schemas"]["ErrorBody"]["properties"]) == {"error", "detail"}
+    assert "ErrorBody" in spec["info"]["description"] and "1 MiB" in spec["info"]["description"]
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                if not status.startswith("2"):
+                    assert response["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+@pytest.fixture(scope="module")
+def server_1mb(trained_run):
+    from pixclass.serve.app import Settings
+    with uvicorn_in_a_thread(Settings(model=str(trained_run["model_dir"]), max_upload_mb=1.0)) as base:
+        yield base
+
+
+OVERSIZED = _multipart([b"\0" * (16 * 2**20)])  # 16 MB to a 1 MB limit: more than the socket buffers hold
+
+
+def _assert_413(status: int, body: bytes):
+    assert status == 413, body[:200]
+    assert b'"error": "too_large"' in body
+
+
+def test_oversized_upload_with_urllib_gets_413(server_1mb):
+    request = urllib.request.Request(f"{server_1mb}/v1/predict", data=OVERSIZED[0],
+                                     headers={"Content-Type": OVERSIZED[1]})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    _assert_413(refused.value.code, refused.value.read())
+
+
+def test_oversized_upload_with_requests_gets_413(server_1mb):
+    r = requests.post(f"{server_1mb}/v1/predict", data=OVERSIZED[0], headers={"Content-Type": OVERSIZED[1]},
+                      timeout=60)
+    _assert_413(r.status_code, r.content)
+
+
+def _pieces(data: bytes, size: int = 64 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+def test_oversized_chunked_upload_with_requests_gets_413(server_1mb):
+    r = requests.post(f"{server_1mb}/v1/predict", data=_pieces(OVERSIZED[0]),
+                      headers={"Content-Type": OVERSIZED[1]}, timeout=60)
+    assert r.request.headers.get("Transfer-Encoding") == "chunked"
+    _assert_413(r.status_code, r.content)
+
+
+def test_oversized_chunked_upload_with_http_client_gets_413(server_1mb):
+    host, port = server_1mb.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/predict", body=_pieces(OVERSIZED[0]), encode_chunked=True,
+                       headers={"Content-Type": OVERSIZED[1], "Transfer-Encoding": "chunked"})
+    response = connection.getresponse()
+    _assert_413(response.status, response.read())
+    # and the service is still there
+    assert httpx.get(f"{server_1mb}/healthz", timeout=5).status_code == 200

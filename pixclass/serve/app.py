@@ -2,10 +2,12 @@
 
 Routes: POST /v1/predict (one or more files), POST /v1/explain (Grad-CAM overlay PNG),
 GET /v1/model, GET /healthz, GET /readyz, GET /metrics (Prometheus), GET / (the upload page).
-Limits answer with a JSON error body: 413 for a body over the upload limit (refused from its
-Content-Length, or as soon as a streamed body passes the limit, before it is buffered) and for
-images over the pixel limit (judged from the header), 415 for files that are not an allowed image
-format, 422 for an allowed format that does not decode, 401 without the bearer token."""
+Every error answers with one JSON shape, `{"error": code, "detail": text}` (errors.py): 413 for a
+body over the upload limit (body_limit.py), for an image over the pixel limit and for a request
+whose images together pass the request's pixel budget (judged from the headers, uploads.py), 415
+for files that are not an allowed image format, 422 for an allowed format that does not decode,
+400 for a request that does not match the API, 401 without the bearer token, 404/405 for unknown
+routes and methods, 503 while the model loads, 500 for anything unexpected."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from pydantic import BaseModel
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from .batching import Batcher
-from .errors import ApiError, ErrorBody, _send_json
+from .body_limit import BodyLimit
+from .errors import ApiError, ErrorBody, errors_in_openapi, install_error_handlers
 from .metrics import Metrics
 from .uploads import UploadDecoder
 
@@ -62,55 +65,23 @@ class PredictResponse(BaseModel):
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "bad request", 401: "missing or wrong bearer token",
+    text = {400: "the request does not match the API", 401: "missing or wrong bearer token",
             413: "upload, image or the request's images together too large",
             415: "not an allowed image format", 422: "image could not be decoded", 503: "model not loaded yet"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a request body over the limit without buffering it."""
-
-    def __init__(self, app, limit_bytes: int):
-        self.app, self.limit = app, limit_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
-        received = 0
-        too_large = False
-
-        async def limited_receive():
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    too_large = True
-                    raise ApiError(413, "too_large", f"upload larger than {self.limit} bytes")
-            return message
-
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except ApiError as e:
-            if not started:
-                await _send_json(send, e.status, e.error, e.detail)
-        except Exception:
-            if too_large and not started:
-                await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
-            else:
-                raise
+def _description(settings: Settings) -> str:
+    return (
+        "Image classification with a pixclass model.\n\n"
+        "Every error, whatever the route or the cause, is JSON of one shape, `ErrorBody`: "
+        '`{"error": "<code>", "detail": "<what happened>"}`. Codes: `bad_request` (400), `unauthorized` (401), '
+        "`not_found` (404), `method_not_allowed` (405), `too_large` (413), `unsupported_format` (415), "
+        "`undecodable` (422), `not_ready` (503), `internal` (500).\n\n"
+        f"Limits: a request body of at most {settings.max_upload_mb:g} MiB (chunked or not; a larger body is "
+        f"answered 413 and the rest of it read and discarded, up to a bound, so the client reads the answer); "
+        f"at most {settings.max_pixels} pixels per image and {settings.request_pixels} pixels for all the "
+        "images of one request, judged from the image headers before anything is decoded (413).")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -148,19 +119,9 @@ def create_app(settings: Settings) -> FastAPI:
         await state["batcher"].stop()
         state["decoder"].close()
 
-    app = FastAPI(title="pixclass", version="1", lifespan=lifespan,
-                  description="Image classification with a pixclass model. Every error has a JSON body.")
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status)
-
-    from fastapi.exceptions import RequestValidationError
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e: RequestValidationError):
-        return JSONResponse({"error": "bad_request", "detail": str(e.errors())[:500]}, status_code=400)
-
+    app = FastAPI(title="pixclass", version="1", lifespan=lifespan, description=_description(settings))
+    install_error_handlers(app)
+    errors_in_openapi(app)
 
     def authorized(authorization: str | None = Header(default=None)):
         if settings.token and authorization != f"Bearer {settings.token}":
