@@ -17,9 +17,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import requests
-from PIL import Image
-
 from conftest import start_server
+from PIL import Image
 
 
 @functools.cache
@@ -51,7 +50,7 @@ def uvicorn_in_a_thread(settings):
         time.sleep(0.05)
     assert server.started, "the server did not start"
     try:
-        yield "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
