@@ -2,10 +2,12 @@
 
 Routes: POST /v1/predict (one or more files), POST /v1/explain (Grad-CAM overlay PNG),
 GET /v1/model, GET /healthz, GET /readyz, GET /metrics (Prometheus), GET / (the upload page).
-Limits answer with a JSON error body: 413 for a body over the upload limit (refused from its
-Content-Length, or as soon as a streamed body passes the limit, before it is buffered) and for
-images over the pixel limit (judged from the header), 415 for files that are not an allowed image
-format, 422 for an allowed format that does not decode, 401 without the bearer token."""
+Every error answers with one JSON shape, `{"error": code, "detail": text}` (errors.py): 413 for a
+body over the upload limit (body_limit.py), for an image over the pixel limit and for a request
+whose images together pass the request's pixel budget (judged from the headers, uploads.py), 415
+for files that are not an allowed image format, 422 for an allowed format that does not decode,
+400 for a request that does not match the API, 401 without the bearer token, 404/405 for unknown
+routes and methods, 503 while the model loads, 500 for anything unexpected."""
 
 from __future__ import annotations
 
@@ -23,15 +25,16 @@ from fastapi import Depends, FastAPI, File, Header, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from ..data.decode import DEFAULT_MAX_PIXELS, decode_image
-from ..data.transforms import image_to_uint8
-from ..errors import ImageDecodeError
+from ..data.decode import DEFAULT_MAX_PIXELS
 from .batching import Batcher
+from .body_limit import BodyLimit
+from .errors import ApiError, ErrorBody, errors_in_openapi, install_error_handlers
+from .metrics import Metrics
+from .uploads import UploadDecoder
 
-
-# uploads up to this size are decoded on the event loop (well under a millisecond for a small
-# PNG or JPEG); larger ones in a thread, so one big photo never stalls the health checks
-INLINE_DECODE_BYTES = 64 * 1024
+# a request's images may add up to this many times the per-image pixel limit (unless set): room for
+# a batch of phone photos, not for dozens of images at the limit
+REQUEST_PIXELS_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,11 @@ class Settings:
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     top_k: int = 5
+    max_request_pixels: int | None = None  # None: REQUEST_PIXELS_FACTOR x max_pixels
 
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: str
+    @property
+    def request_pixels(self) -> int:
+        return self.max_request_pixels or REQUEST_PIXELS_FACTOR * self.max_pixels
 
 
 class FilePrediction(BaseModel):
@@ -61,69 +64,24 @@ class PredictResponse(BaseModel):
     predictions: list[FilePrediction]
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, error: str, detail: str):
-        self.status, self.error, self.detail = status, error, detail
-
-
 def _errors(*codes: int) -> dict:
-    text = {400: "bad request", 401: "missing or wrong bearer token", 413: "upload or image too large",
+    text = {400: "the request does not match the API", 401: "missing or wrong bearer token",
+            413: "upload, image or the request's images together too large",
             415: "not an allowed image format", 422: "image could not be decoded", 503: "model not loaded yet"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a request body over the limit without buffering it."""
-
-    def __init__(self, app, limit_bytes: int):
-        self.app, self.limit = app, limit_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
-        received = 0
-        too_large = False
-
-        async def limited_receive():
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    too_large = True
-                    raise ApiError(413, "too_large", f"upload larger than {self.limit} bytes")
-            return message
-
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except ApiError as e:
-            if not started:
-                await _send_json(send, e.status, e.error, e.detail)
-        except Exception:
-            if too_large and not started:
-                await _send_json(send, 413, "too_large", f"upload larger than {self.limit} bytes")
-            else:
-                raise
-
-
-async def _send_json(send, status: int, error: str, detail: str) -> None:
-    import json
-    body = json.dumps({"error": error, "detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+def _description(settings: Settings) -> str:
+    return (
+        "Image classification with a pixclass model.\n\n"
+        "Every error, whatever the route or the cause, is JSON of one shape, `ErrorBody`: "
+        '`{"error": "<code>", "detail": "<what happened>"}`. Codes: `bad_request` (400), `unauthorized` (401), '
+        "`not_found` (404), `method_not_allowed` (405), `too_large` (413), `unsupported_format` (415), "
+        "`undecodable` (422), `not_ready` (503), `internal` (500).\n\n"
+        f"Limits: a request body of at most {settings.max_upload_mb:g} MiB (chunked or not; a larger body is "
+        f"answered 413 and the rest of it read and discarded, up to a bound, so the client reads the answer); "
+        f"at most {settings.max_pixels} pixels per image and {settings.request_pixels} pixels for all the "
+        "images of one request, judged from the image headers before anything is decoded (413).")
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -152,26 +110,18 @@ def create_app(settings: Settings) -> FastAPI:
         state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
+        state["decoder"] = UploadDecoder(art.preprocess, settings.max_pixels, settings.request_pixels)
         pre = art.preprocess
         await state["batcher"].submit([torch.zeros(pre.channels, pre.size, pre.size, dtype=torch.uint8)])  # warm-up
         state["ready"] = True
         yield
         state["ready"] = False
         await state["batcher"].stop()
+        state["decoder"].close()
 
-    app = FastAPI(title="pixclass", version="1", lifespan=lifespan,
-                  description="Image classification with a pixclass model. Every error has a JSON body.")
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return JSONResponse({"error": e.error, "detail": e.detail}, status_code=e.status)
-
-    from fastapi.exceptions import RequestValidationError
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e: RequestValidationError):
-        return JSONResponse({"error": "bad_request", "detail": str(e.errors())[:500]}, status_code=400)
-
+    app = FastAPI(title="pixclass", version="1", lifespan=lifespan, description=_description(settings))
+    install_error_handlers(app)
+    errors_in_openapi(app)
 
     def authorized(authorization: str | None = Header(default=None)):
         if settings.token and authorization != f"Bearer {settings.token}":
@@ -181,29 +131,13 @@ def create_app(settings: Settings) -> FastAPI:
         if not state["ready"]:
             raise ApiError(503, "not_ready", "the model is still loading")
 
-    async def decode(upload: UploadFile) -> torch.Tensor:
-        data = await upload.read()
-        art = state["art"]
-
-        def work():
-            image = decode_image(data, art.preprocess.channels, settings.max_pixels)
-            return image_to_uint8(image, art.preprocess)
-        try:
-            if len(data) <= INLINE_DECODE_BYTES:  # a thread hop costs more than decoding a small file
-                return work()
-            return await asyncio.get_running_loop().run_in_executor(None, work)
-        except ImageDecodeError as e:
-            status = {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
-            raise ApiError(status, {"unsupported": "unsupported_format", "too_large": "too_large"}.get(e.kind, "undecodable"),
-                           f"{upload.filename}: {e.reason}") from None
-
     v1 = [Depends(authorized), Depends(ready)]
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=v1,
               responses=_errors(400, 401, 413, 415, 422, 503))
     async def predict(files: list[UploadFile] = File(..., description="one or more images"),
                       k: int = Query(settings.top_k, ge=1, le=1000, description="how many classes per image")):
-        tensors = [await decode(f) for f in files]
+        tensors = await state["decoder"].tensors(files)
         probs = await state["batcher"].submit(tensors)
         classes = state["art"].classes
         return {"model": state["art"].arch["name"], "version": state["version"],
@@ -216,7 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
         from ..explain import METHODS, Explainer, overlay
         if method not in METHODS:
             raise ApiError(400, "bad_request", f"method must be one of {', '.join(METHODS)}")
-        tensor = await decode(file)
+        [tensor] = await state["decoder"].tensors([file])
 
         def work():
             from PIL import Image
@@ -264,36 +198,8 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(static.joinpath(name).read_text(), media_type=media)
 
     app.add_middleware(BodyLimit, limit_bytes=int(settings.max_upload_mb * 2**20))
-    app.add_middleware(Metrics, requests_total=requests_total, latency=latency)
+    app.add_middleware(Metrics, requests_total=requests_total, latency=latency, routes=app.router.routes)
     return app
-
-
-class Metrics:
-    """ASGI middleware: request counts by route and status, and the latency histogram. Plain ASGI
-    rather than @app.middleware("http"), whose per-request streaming wrapper measured a
-    noticeable share of a small model's request time."""
-
-    def __init__(self, app, requests_total, latency):
-        self.app, self.requests_total, self.latency = app, requests_total, latency
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        import time
-        status = 500
-        start = time.perf_counter()
-
-        async def recording_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = scope.get("path", "")
-            self.latency.labels(route).observe(time.perf_counter() - start)
-            self.requests_total.labels(route, str(status)).inc()
 
 
 def create_app_from_env() -> FastAPI:
