@@ -6,13 +6,13 @@ A `UserError` anywhere becomes one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from .errors import UserError
@@ -385,7 +385,7 @@ def export(
 def serve(
     model: Path = typer.Argument(..., help="A saved model folder."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
     workers: int = typer.Option(1, "--workers", min=1),
     token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' on /v1."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb"),
@@ -465,24 +465,48 @@ def demo(
     run_demo(out, epochs, quiet)
 
 
+def _click_exceptions():
+    """The exception module of the click that typer parses with. typer 0.29 vendors its own copy
+    (typer._click), whose classes are not the `click` package's; older typers use `click` itself.
+    Asking typer which one it raises keeps `main` right for either."""
+    return importlib.import_module(typer.BadParameter.__module__)
+
+
+def _usage_error_line(e) -> str:
+    """One line for a usage error, pointing at the command's --help."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
+_INTERRUPTED = 130  # the shell's exit code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def main(argv=None) -> None:
+    """Run the command; exit 0, 2 on a user or usage error (one `error:` line), 130 on Ctrl-C."""
+    click_errors = _click_exceptions()
+    help_instead = getattr(click_errors, "NoArgsIsHelpError", ())  # bare `pixclass`: the help text, as click does
     try:
         result = app(args=argv, standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except help_instead as e:
         e.show()
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        typer.echo(f"error: {_usage_error_line(e)}", err=True)
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+    except (typer.Abort, KeyboardInterrupt):  # older typers turn Ctrl-C into Abort
+        result = _INTERRUPTED
+    # typer 0.29 turns Ctrl-C inside a command into a returned exit code 130
+    code = result if isinstance(result, int) else 0
+    if code == _INTERRUPTED:
+        typer.echo("interrupted", err=True)
+    sys.exit(code)
 
 
 def run() -> None:
