@@ -112,3 +112,27 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case):
 def test_bad_model_folder_for_predict(tmp_path):
     proc = run_cli("predict", tmp_path, tmp_path)
     assert proc.returncode == 2 and "not a pixclass model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _unusable_outputs(tmp_path: Path) -> dict:
+    """--out values that cannot be a folder: an existing file, and a path below a regular file
+    (unwritable even for root, unlike a read-only folder)."""
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("not a folder")
+    return {"existing file": (a_file, "is an existing file"),
+            "below a file": (a_file / "out", "is a file, not a folder")}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain", "audit"])
+def test_unusable_out_is_one_line_and_exit_code_2(command, trained_run, shapes_session, tmp_path, capsys):
+    from pixclass.cli import main
+    model = trained_run["model_dir"]
+    args = {"evaluate": ["evaluate", model, shapes_session], "audit": ["audit", shapes_session],
+            "explain": ["explain", model, shapes_session / "circle" / "circle_000.png"]}[command]
+    for out, message in _unusable_outputs(tmp_path).values():
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args] + ["--out", str(out), "-q"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: --out ") and message in err, err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]  # nothing written anywhere
