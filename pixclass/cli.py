@@ -42,6 +42,16 @@ def _check_output_folder(out: Optional[Path], option: str = "--out") -> None:
         raise UserError(f"{option} {out}: cannot write in {nearest} (read-only or no permission)")
 
 
+def _image_files(inputs) -> list[Path]:
+    """The image files among `inputs` (files, folders); a user error when there are none."""
+    from .data.scan import collect_image_paths, ignored_files_note
+    ignored: list[Path] = []
+    files = collect_image_paths(inputs, ignored)
+    if not files:
+        raise UserError("no image files found in the given paths" + (f"; {ignored_files_note(ignored)}" if ignored else ""))
+    return files
+
+
 def _parse_split(text: Optional[str]):
     if text is None:
         return None
@@ -228,7 +238,6 @@ def predict(
 ):
     """Predict the classes of images."""
     from .data.decode import set_max_pixels
-    from .data.scan import collect_image_paths
     from .predict import Predictor
     from .progress import Reporter
 
@@ -236,10 +245,11 @@ def predict(
     if fmt not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv (got {fmt!r})")
     predictor = Predictor.load(model)
-    files = collect_image_paths(paths)
-    if not files:
-        raise UserError("no image files found in the given paths")
+    files = _image_files(paths)
     results, failures = predictor.predict_files(files, k=top_k)
+    if not results:  # nothing to print in any format: a mistake in the paths, not an empty answer
+        path, reason = failures[0]
+        raise UserError(f"none of the {len(files)} file(s) given could be read as an image (e.g. {path}: {reason})")
     reporter = Reporter()
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
@@ -255,8 +265,6 @@ def predict(
                 writer.writerow([r["path"], rank, c["class"], f"{c['probability']:.6f}"])
     else:
         _print_predictions(results)
-    if not results:
-        raise typer.Exit(1)
 
 
 def _print_predictions(results: list[dict]) -> None:
@@ -272,7 +280,7 @@ def _print_predictions(results: list[dict]) -> None:
         table.add_row(r["path"], best["class"], f"{best['probability']:.3f}",
                       ", ".join(f"{c['class']} {c['probability']:.3f}" for c in rest))
     # piped output is not cut to 80 columns: a path split over lines is useless to grep
-    width = None if sys.stdout.isatty() else max(len(r["path"]) for r in results) + 80
+    width = None if sys.stdout.isatty() else max((len(r["path"]) for r in results), default=0) + 80
     Console(highlight=False, width=width).print(table)
 
 
@@ -328,15 +336,12 @@ def explain(
 ):
     """Heatmaps of where the model looks: original and overlay side by side, one PNG per image."""
     from . import artifact as artifact_io
-    from .data.scan import collect_image_paths
     from .explain import explain_files
     from .progress import Reporter, console
 
     _check_output_folder(out)
     art = artifact_io.load(model)
-    files = collect_image_paths(images)
-    if not files:
-        raise UserError("no image files found in the given paths")
+    files = _image_files(images)
     written = explain_files(art, files, out, method, layer, class_name, top_k, reporter=Reporter(quiet))
     if not quiet:
         console.print(f"wrote {len(written)} explanation(s) to {out}", markup=False)
