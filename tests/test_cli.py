@@ -162,9 +162,10 @@ def test_evaluating_without_a_class_says_so(trained_run, shapes_session, tmp_pat
     scored = [r["f1"] for r in metrics["per_class"] if r["class"] != "triangle"]
     assert metrics["macro_f1"] == pytest.approx(sum(scored) / 2)
     assert "not evaluated: triangle" in captured.err
+    assert "not evaluated" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_train_and_audit_agree_on_the_files_used(tmp_path):
+def test_train_and_audit_agree_on_the_files_used_and_the_report_names_the_split(tmp_path):
     data = make_shapes(tmp_path / "data", per_class=8)
     image = (data / "circle" / "circle_000.png").read_bytes()
     (data / "circle" / "photo.heic").write_bytes(image)  # an image under a name training does not read
@@ -181,6 +182,9 @@ def test_train_and_audit_agree_on_the_files_used(tmp_path):
     used = [r for r in rows if r["path"] != "square/broken.png"]
     train = sum(r["split"] == "train" for r in used)
     assert f"train {train}, val {len(used) - train}, test 0 images" in proc.stderr
+    page = (out / "report.html").read_text()
+    assert "<h1>pixclass run: run</h1>" in page
+    assert "<h2>Validation metrics</h2>" in page and "Test metrics" not in page
 
     proc = run_cli("audit", data, "--json", "--out", tmp_path / "audit")
     assert proc.returncode == 0, proc.stderr
