@@ -48,7 +48,8 @@ def _image_files(inputs) -> list[Path]:
     ignored: list[Path] = []
     files = collect_image_paths(inputs, ignored)
     if not files:
-        raise UserError("no image files found in the given paths" + (f"; {ignored_files_note(ignored)}" if ignored else ""))
+        why = f"; {ignored_files_note(ignored)}" if ignored else ""
+        raise UserError(f"no image files found in the given paths{why}")
     return files
 
 

@@ -57,7 +57,8 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
         raise DatasetError(f"class folder(s) not known to the model: {', '.join(unknown)} "
                            f"(model classes: {', '.join(art.classes)})")
     if not pairs:
-        raise DatasetError(f"no images found to evaluate in {root}" + (f"; {ignored_files_note(ignored)}" if ignored else ""))
+        why = f"; {ignored_files_note(ignored)}" if ignored else ""
+        raise DatasetError(f"no images found to evaluate in {root}{why}")
     if ignored:
         reporter.warn(ignored_files_note(ignored))
     index = {c: i for i, c in enumerate(art.classes)}

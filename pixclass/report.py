@@ -1,10 +1,10 @@
 """report.html: one self-contained page per training run or evaluation (figures embedded), with
 the same figures as PNG files beside it.
 
-Sections: run summary and config, data, training curves, metrics (named after the split they
-come from), per-class table,
-confusion matrix (counts and normalized), most-confused pairs, the worst-scored test images with
-their Grad-CAM overlays, and calibration (ECE with a reliability diagram)."""
+Sections: run summary and config, data, training curves, metrics (named after the split they come
+from), per-class table, confusion matrix (counts and normalized), most-confused pairs, the
+worst-scored held-out images with their Grad-CAM overlays, and calibration (ECE with a
+reliability diagram)."""
 
 from __future__ import annotations
 
@@ -140,8 +140,9 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
         [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
         ["image", "true", "predicted", "probability", "loss"])
     s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + _img(figs["reliability"])
-    titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves", "metrics": metrics_section_title(metrics),
-              "per-class": "Per-class precision, recall, F1", "confusion": "Confusion matrix",
+    titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves",
+              "metrics": metrics_section_title(metrics), "per-class": "Per-class precision, recall, F1",
+              "confusion": "Confusion matrix",
               "confused-pairs": "Most-confused pairs", "top-losses": "Worst-scored images (top losses, Grad-CAM)",
               "calibration": "Calibration"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{s[k]}</section>' for k in SECTIONS)

@@ -62,12 +62,15 @@ def test_help_exits_0(capsys):
 
 def test_ctrl_c_during_training_prints_interrupted_and_exits_130(tmp_path):
     data = make_shapes(tmp_path / "data", per_class=6)
-    # SIGINT restored to its default in the child: a test runner started in the background
-    # ignores it, and a child would inherit that
-    proc = subprocess.Popen([sys.executable, "-m", "pixclass", "train", str(data), "--model", "classic-cnn",
-                             "--image-size", "32", "--epochs", "1000", "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a test runner started in the background ignores SIGINT, and a child inherits an ignored
+    # signal: with a handler here for the moment of the start, the child gets the default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "pixclass", "train", str(data), "--model", "classic-cnn",
+                                 "--image-size", "32", "--epochs", "1000", "--out", str(tmp_path / "run")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         for line in proc.stderr:  # wait until training is under way
             if line.startswith("epoch 1 "):
