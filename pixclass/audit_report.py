@@ -15,6 +15,7 @@ from .errors import ImageDecodeError
 
 TITLES = {
     "unreadable": "Unreadable files (corrupt, truncated, zero-byte, not images)",
+    "ignored_extension": "Images without an image extension (not used for training)",
     "hidden": "Hidden files and folders",
     "stray_files": "Files outside class folders",
     "empty_classes": "Empty classes",

@@ -6,13 +6,13 @@ A `UserError` anywhere becomes one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from .errors import UserError
@@ -23,6 +23,34 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _print_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _check_output_folder(out: Optional[Path], option: str = "--out") -> None:
+    """Refuse, before any expensive work, an output folder that cannot be made: a path naming an
+    existing file, or one below a file or in a folder this user cannot write to."""
+    if out is None:
+        return
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is an existing file; give a folder")
+    nearest = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if nearest is None:  # nothing of the path exists, not even the root: let the write say why
+        return
+    if not nearest.is_dir():
+        raise UserError(f"{option} {out}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write in {nearest} (read-only or no permission)")
+
+
+def _image_files(inputs) -> list[Path]:
+    """The image files among `inputs` (files, folders); a user error when there are none."""
+    from .data.scan import collect_image_paths, ignored_files_note
+    ignored: list[Path] = []
+    files = collect_image_paths(inputs, ignored)
+    if not files:
+        why = f"; {ignored_files_note(ignored)}" if ignored else ""
+        raise UserError(f"no image files found in the given paths{why}")
+    return files
 
 
 def _parse_split(text: Optional[str]):
@@ -168,6 +196,7 @@ def evaluate(
     from .progress import Reporter
     from .runs import new_run_dir
 
+    _check_output_folder(out)
     reporter = Reporter(quiet)
     art = artifact_io.load(model)
     metrics, probs, labels, paths = evaluate_folder(art, data, model_dir=model, reporter=reporter)
@@ -210,7 +239,6 @@ def predict(
 ):
     """Predict the classes of images."""
     from .data.decode import set_max_pixels
-    from .data.scan import collect_image_paths
     from .predict import Predictor
     from .progress import Reporter
 
@@ -218,10 +246,11 @@ def predict(
     if fmt not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv (got {fmt!r})")
     predictor = Predictor.load(model)
-    files = collect_image_paths(paths)
-    if not files:
-        raise UserError("no image files found in the given paths")
+    files = _image_files(paths)
     results, failures = predictor.predict_files(files, k=top_k)
+    if not results:  # nothing to print in any format: a mistake in the paths, not an empty answer
+        path, reason = failures[0]
+        raise UserError(f"none of the {len(files)} file(s) given could be read as an image (e.g. {path}: {reason})")
     reporter = Reporter()
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
@@ -237,8 +266,6 @@ def predict(
                 writer.writerow([r["path"], rank, c["class"], f"{c['probability']:.6f}"])
     else:
         _print_predictions(results)
-    if not results:
-        raise typer.Exit(1)
 
 
 def _print_predictions(results: list[dict]) -> None:
@@ -254,7 +281,7 @@ def _print_predictions(results: list[dict]) -> None:
         table.add_row(r["path"], best["class"], f"{best['probability']:.3f}",
                       ", ".join(f"{c['class']} {c['probability']:.3f}" for c in rest))
     # piped output is not cut to 80 columns: a path split over lines is useless to grep
-    width = None if sys.stdout.isatty() else max(len(r["path"]) for r in results) + 80
+    width = None if sys.stdout.isatty() else max((len(r["path"]) for r in results), default=0) + 80
     Console(highlight=False, width=width).print(table)
 
 
@@ -310,14 +337,12 @@ def explain(
 ):
     """Heatmaps of where the model looks: original and overlay side by side, one PNG per image."""
     from . import artifact as artifact_io
-    from .data.scan import collect_image_paths
     from .explain import explain_files
     from .progress import Reporter, console
 
+    _check_output_folder(out)
     art = artifact_io.load(model)
-    files = collect_image_paths(images)
-    if not files:
-        raise UserError("no image files found in the given paths")
+    files = _image_files(images)
     written = explain_files(art, files, out, method, layer, class_name, top_k, reporter=Reporter(quiet))
     if not quiet:
         console.print(f"wrote {len(written)} explanation(s) to {out}", markup=False)
@@ -337,6 +362,7 @@ def filters(
     from .plots import save
     from .progress import console
 
+    _check_output_folder(out)
     art = artifact_io.load(model)
     out.mkdir(parents=True, exist_ok=True)
     _, fig = filter_grid(art.model, layer)
@@ -385,7 +411,7 @@ def export(
 def serve(
     model: Path = typer.Argument(..., help="A saved model folder."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
     workers: int = typer.Option(1, "--workers", min=1),
     token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' on /v1."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb"),
@@ -436,6 +462,9 @@ def audit(
 
     if fix not in (None, "quarantine"):
         raise UserError(f"--fix must be 'quarantine' (got {fix!r})")
+    _check_output_folder(out)
+    if fix is not None:
+        _check_output_folder(quarantine_dir, "--quarantine-dir")
     report = run_audit(data, min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
     out = out or new_run_dir(f"audit-{Path(data).resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -465,24 +494,48 @@ def demo(
     run_demo(out, epochs, quiet)
 
 
+def _click_exceptions():
+    """The exception module of the click that typer parses with. typer 0.29 vendors its own copy
+    (typer._click), whose classes are not the `click` package's; older typers use `click` itself.
+    Asking typer which one it raises keeps `main` right for either."""
+    return importlib.import_module(typer.BadParameter.__module__)
+
+
+def _usage_error_line(e) -> str:
+    """One line for a usage error, pointing at the command's --help."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see '{ctx.command_path} --help')" if ctx is not None else message
+
+
+_INTERRUPTED = 130  # the shell's exit code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def main(argv=None) -> None:
+    """Run the command; exit 0, 2 on a user or usage error (one `error:` line), 130 on Ctrl-C."""
+    click_errors = _click_exceptions()
+    help_instead = getattr(click_errors, "NoArgsIsHelpError", ())  # bare `pixclass`: the help text, as click does
     try:
         result = app(args=argv, standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except help_instead as e:
         e.show()
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        typer.echo(f"error: {_usage_error_line(e)}", err=True)
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+    except (typer.Abort, KeyboardInterrupt):  # older typers turn Ctrl-C into Abort
+        result = _INTERRUPTED
+    # typer 0.29 turns Ctrl-C inside a command into a returned exit code 130
+    code = result if isinstance(result, int) else 0
+    if code == _INTERRUPTED:
+        typer.echo("interrupted", err=True)
+    sys.exit(code)
 
 
 def run() -> None:

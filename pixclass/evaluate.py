@@ -8,10 +8,10 @@ from pathlib import Path
 
 from .artifact import Artifact
 from .data.loaders import load_split
-from .data.scan import read_manifest, scan_class_folders
+from .data.scan import ignored_files_note, read_manifest, scan_class_folders
 from .errors import DatasetError
 from .inference import Backend, TorchBackend, predict_batches
-from .metrics import classification_metrics
+from .metrics import absent_classes_note, classification_metrics
 from .progress import Reporter
 
 
@@ -37,10 +37,10 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
     manifest = _run_manifest(art, model_dir, root)
-    pairs, what = None, None
+    pairs, what, ignored = None, None, []
     for split in ("test", "val", "valid", "validation"):
         if (root / split).is_dir():
-            per_class = scan_class_folders(root / split)
+            per_class = scan_class_folders(root / split, ignored)
             pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"{root / split}"
             break
     if pairs is None and manifest is not None:
@@ -50,14 +50,17 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
         if not pairs:
             pairs = None
     if pairs is None:
-        per_class = scan_class_folders(root)
+        per_class = scan_class_folders(root, ignored)
         pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"all images in {root}"
     unknown = sorted({c for _, c in pairs} - set(art.classes))
     if unknown:
         raise DatasetError(f"class folder(s) not known to the model: {', '.join(unknown)} "
                            f"(model classes: {', '.join(art.classes)})")
     if not pairs:
-        raise DatasetError(f"no images found to evaluate in {root}")
+        why = f"; {ignored_files_note(ignored)}" if ignored else ""
+        raise DatasetError(f"no images found to evaluate in {root}{why}")
+    if ignored:
+        reporter.warn(ignored_files_note(ignored))
     index = {c: i for i, c in enumerate(art.classes)}
     return [p for p, _ in pairs], [index[c] for _, c in pairs], what
 
@@ -82,6 +85,10 @@ def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | No
         reporter.warn(f"skipped unreadable file {p}: {reason}")
     metrics, probs = evaluate_split(art, split)
     metrics["skipped_files"] = [str(p) for p, _ in failures]
+    metrics["evaluated_on"] = what
+    note = absent_classes_note(metrics, what)
+    if note:
+        reporter.warn(note)
     return metrics, probs, split.labels.numpy(), split.paths
 
 

@@ -38,17 +38,33 @@ def cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], k: int = 5) -> dict:
+    """Accuracy, loss, top-k, macro-F1, per-class report and confusion matrix.
+
+    A class with no image among `labels` cannot be scored: it is listed in `absent_classes`, and
+    `macro_f1` is the mean over the classes that are present (its per-class F1 of 0 would only
+    say that it was not evaluated)."""
     preds = probs.argmax(axis=1)
     per_class = per_class_report(labels, preds, classes)
+    present = [c["f1"] for c in per_class if c["support"] > 0]
     return {
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
         "loss": cross_entropy(labels, probs),
         f"top{min(k, len(classes))}_accuracy": top_k_accuracy(labels, probs, k),
-        "macro_f1": float(np.mean([c["f1"] for c in per_class])),
+        "macro_f1": float(np.mean(present)) if present else 0.0,
+        "absent_classes": [c["class"] for c in per_class if c["support"] == 0],
         "n": int(len(labels)),
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(labels, preds, len(classes)).tolist(),
     }
+
+
+def absent_classes_note(metrics: dict, where: str) -> str | None:
+    """A warning for classes that had no image in the evaluated data, or None."""
+    absent = metrics.get("absent_classes") or []
+    if not absent:
+        return None
+    return (f"class(es) with no image in {where}, not evaluated: {', '.join(absent)} "
+            f"(macro F1 is over the other {len(metrics['per_class']) - len(absent)})")
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict:

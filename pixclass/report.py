@@ -1,9 +1,10 @@
 """report.html: one self-contained page per training run or evaluation (figures embedded), with
 the same figures as PNG files beside it.
 
-Sections: run summary and config, data, training curves, test metrics, per-class table,
-confusion matrix (counts and normalized), most-confused pairs, the worst-scored test images with
-their Grad-CAM overlays, and calibration (ECE with a reliability diagram)."""
+Sections: run summary and config, data, training curves, metrics (named after the split they come
+from), per-class table, confusion matrix (counts and normalized), most-confused pairs, the
+worst-scored held-out images with their Grad-CAM overlays, and calibration (ECE with a
+reliability diagram)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,15 @@ from . import plots
 from .plot_worker import InlinePlotter
 from .metrics import calibration, most_confused, per_sample_loss
 
+SPLIT_NAMES = {"val": "Validation", "test": "Test", "train": "Training"}
 SECTIONS = ("summary", "data", "curves", "metrics", "per-class", "confusion", "confused-pairs", "top-losses",
             "calibration")
+
+
+def _evaluated_on(metrics: dict) -> str:
+    if metrics.get("split"):
+        return f"the {SPLIT_NAMES.get(metrics['split'], metrics['split']).lower()} split"
+    return metrics.get("evaluated_on") or "the given data"
 
 
 def _img(path: Path) -> str:
@@ -60,12 +68,26 @@ def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[
     return plots.image_gallery(items, out / "top_losses.png"), rows
 
 
+def run_title(run_dir: Path) -> str:
+    """The heading of a training run's report: the run folder's name, set apart from the words
+    before it, so that a folder named `run` reads "pixclass run: run" rather than "pixclass run run"."""
+    return f"pixclass run: {Path(run_dir).name}"
+
+
+def metrics_section_title(metrics: dict) -> str:
+    """Named after the split the numbers come from: a run without a test split reports on val."""
+    split = metrics.get("split")
+    return f"{SPLIT_NAMES.get(split, str(split).capitalize())} metrics" if split else "Metrics"
+
+
 def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.ndarray, paths: list,
-                 history: list[dict] | None = None, counts: dict | None = None, title: str = "pixclass run",
+                 history: list[dict] | None = None, counts: dict | None = None, title: str | None = None,
                  run_info: dict | None = None, plotter: InlinePlotter | None = None) -> Path:
     """`plotter`: where the matplotlib figures are drawn (a training run's PlotWorker draws them
-    while this process computes the Grad-CAM gallery); in this process by default."""
+    while this process computes the Grad-CAM gallery); in this process by default. `title`:
+    `run_title(out)` by default."""
     out = Path(out)
+    title = title or run_title(out)
     out.mkdir(parents=True, exist_ok=True)
     plotter = plotter or InlinePlotter()
     classes = art.classes
@@ -86,7 +108,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     s = {}
     info = dict(run_info or {})
     info.update({"model": art.arch["name"], "classes": len(classes), "input": f"{art.preprocess.channels}x"
-                 f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{metrics.get('split', 'data')} "
+                 f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{_evaluated_on(metrics)} "
                  f"({metrics['n']} images)"})
     s["summary"] = _table([[k, v] for k, v in info.items()], ["", ""]) + \
         f"<details><summary>config</summary><pre>{html.escape(yaml.safe_dump(art.config or {}, sort_keys=False))}</pre></details>"
@@ -104,6 +126,10 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     if "accuracy_without_tta" in metrics:
         headline.insert(1, ["accuracy without TTA", f"{metrics['accuracy_without_tta']:.4f}"])
     s["metrics"] = _table(headline, ["metric", "value"])
+    if metrics.get("absent_classes"):
+        s["metrics"] += (f"<p>not evaluated (no image of theirs in {html.escape(_evaluated_on(metrics))}): "
+                         f"<b>{html.escape(', '.join(metrics['absent_classes']))}</b>; macro F1 is over the other "
+                         f"classes</p>")
     s["per-class"] = _table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                              for r in metrics["per_class"]], ["class", "precision", "recall", "F1", "support"])
     s["confusion"] = _img(figs["confusion"]) + _img(figs["confusion_norm"])
@@ -114,8 +140,9 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
         [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
         ["image", "true", "predicted", "probability", "loss"])
     s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + _img(figs["reliability"])
-    titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves", "metrics": "Test metrics",
-              "per-class": "Per-class precision, recall, F1", "confusion": "Confusion matrix",
+    titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves",
+              "metrics": metrics_section_title(metrics), "per-class": "Per-class precision, recall, F1",
+              "confusion": "Confusion matrix",
               "confused-pairs": "Most-confused pairs", "top-losses": "Worst-scored images (top losses, Grad-CAM)",
               "calibration": "Calibration"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{s[k]}</section>' for k in SECTIONS)

@@ -112,3 +112,118 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case):
 def test_bad_model_folder_for_predict(tmp_path):
     proc = run_cli("predict", tmp_path, tmp_path)
     assert proc.returncode == 2 and "not a pixclass model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _unusable_outputs(tmp_path: Path) -> dict:
+    """--out values that cannot be a folder: an existing file, and a path below a regular file
+    (unwritable even for root, unlike a read-only folder)."""
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("not a folder")
+    return {"existing file": (a_file, "is an existing file"),
+            "below a file": (a_file / "out", "is a file, not a folder")}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain", "audit"])
+def test_unusable_out_is_one_line_and_exit_code_2(command, trained_run, shapes_session, tmp_path, capsys):
+    from pixclass.cli import main
+    model = trained_run["model_dir"]
+    args = {"evaluate": ["evaluate", model, shapes_session], "audit": ["audit", shapes_session],
+            "explain": ["explain", model, shapes_session / "circle" / "circle_000.png"]}[command]
+    for out, message in _unusable_outputs(tmp_path).values():
+        with pytest.raises(SystemExit) as exit_:
+            main([str(a) for a in args] + ["--out", str(out), "-q"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: --out ") and message in err, err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.txt"]  # nothing written anywhere
+
+
+def test_a_minority_class_is_tested_and_a_missing_split_is_named(tmp_path):
+    make_shapes(tmp_path / "data", per_class=40, classes=("circle",))
+    data = make_shapes(tmp_path / "data", per_class=2, classes=("square",), seed=1)
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out",
+                   tmp_path / "run", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)["metrics"]
+    assert metrics["split"] == "test" and metrics["absent_classes"] == []  # the 2-image class is tested
+    assert "no val images for class(es) square (2 image(s) in all)" in proc.stderr
+
+
+def test_evaluating_without_a_class_says_so(trained_run, shapes_session, tmp_path, capsys):
+    from pixclass.cli import main
+    from conftest import subset
+    data = subset(shapes_session, tmp_path / "two", classes=("circle", "square"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", trained_run["model_dir"], str(data), "--out", str(tmp_path / "eval"), "--json"])
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert metrics["absent_classes"] == ["triangle"]
+    scored = [r["f1"] for r in metrics["per_class"] if r["class"] != "triangle"]
+    assert metrics["macro_f1"] == pytest.approx(sum(scored) / 2)
+    assert "not evaluated: triangle" in captured.err
+    assert "not evaluated" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_train_and_audit_agree_on_the_files_used_and_the_report_names_the_split(tmp_path):
+    data = make_shapes(tmp_path / "data", per_class=8)
+    image = (data / "circle" / "circle_000.png").read_bytes()
+    (data / "circle" / "photo.heic").write_bytes(image)  # an image under a name training does not read
+    (data / "square" / "noextension").write_bytes(image)
+    (data / "square" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32",
+                   "--split", "0.75,0.25,0", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "ignored 2 file(s) without an image extension (.heic 1, no extension 1" in proc.stderr
+    # the data line counts the images used: the manifest's minus the unreadable one
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    used = [r for r in rows if r["path"] != "square/broken.png"]
+    train = sum(r["split"] == "train" for r in used)
+    assert f"train {train}, val {len(used) - train}, test 0 images" in proc.stderr
+    page = (out / "report.html").read_text()
+    assert "<h1>pixclass run: run</h1>" in page
+    assert "<h2>Validation metrics</h2>" in page and "Test metrics" not in page
+
+    proc = run_cli("audit", data, "--json", "--out", tmp_path / "audit")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert {Path(x["path"]).name for x in found["problems"]["ignored_extension"]} == {"photo.heic", "noextension"}
+    per_class = {c: sum(r["class"] == c for r in used) for c in ("circle", "square", "triangle")}
+    assert {c: n["all"] for c, n in found["counts"].items()} == per_class
+
+
+def test_predict_on_files_that_are_not_images_is_one_line(trained_run, tmp_path, capsys):
+    from pixclass.cli import main
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_text("not a picture")
+    (junk / "b.png").write_bytes(b"\x89PNG nothing more")
+    proc = run_cli("predict", trained_run["model_dir"], junk)  # the table to a pipe
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: none of the 2 file(s) given could be read as an image")
+    assert proc.stderr.count("\n") == 1
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("text")
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", trained_run["model_dir"], str(notes)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: no image files found") and "ignored 1 file(s)" in err
+
+
+def test_too_large_image_quotes_the_max_pixels_given(trained_run, tmp_path, capsys):
+    from PIL import Image
+    from pixclass.cli import main
+    big = tmp_path / "big.png"
+    Image.new("1", (10000, 9000)).save(big)  # 90 megapixels, over Pillow's own limit as well
+    from pixclass.data.decode import set_max_pixels
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", trained_run["model_dir"], str(big), "--max-pixels", "1000000"])
+    finally:
+        set_max_pixels(None)  # predict sets the limit for its process: not for the tests that follow
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "(90,000,000 pixels, limit 1,000,000; raise it with --max-pixels)" in err

@@ -77,3 +77,31 @@ def test_resize_modes():
     assert t.shape == (3, 32, 32) and str(t.dtype) == "torch.uint8"
     t = image_to_uint8(img.convert("L"), Preprocess(size=16, channels=1, mean=(0.5,), std=(0.5,), resize="crop", crop_pct=0.875))
     assert t.shape == (1, 16, 16)
+
+
+def _blank_1bit_png(width: int, height: int) -> bytes:
+    """A large image in few bytes: 10000x9000 1-bit pixels compress to about 11 kB."""
+    return _encode(Image.new("1", (width, height)), "PNG")
+
+
+@pytest.mark.parametrize("case", ["over Pillow's own limit too", "under Pillow's limit"])
+def test_too_large_quotes_the_max_pixels_in_force(case, monkeypatch):
+    from pixclass.data.decode import DEFAULT_MAX_PIXELS, set_max_pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS)  # Pillow's default, whatever ran before
+    data, size = ((_blank_1bit_png(10000, 9000), "90,000,000") if case.startswith("over") else
+                  (_encode(Image.new("RGB", (40, 30)), "PNG"), "40x30"))
+    set_max_pixels(1000)
+    try:
+        with pytest.raises(ImageDecodeError) as e:
+            decode_image(data)
+    finally:
+        set_max_pixels(None)
+    assert e.value.kind == "too_large"
+    assert f"({size} pixels, limit 1,000; raise it with --max-pixels)" in e.value.reason
+    assert "89478485" not in e.value.reason and "178956970" not in e.value.reason  # never Pillow's limit
+
+
+def test_a_max_pixels_above_pillows_limit_is_honoured(monkeypatch):
+    from pixclass.data.decode import DEFAULT_MAX_PIXELS, open_image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS)
+    assert open_image(_blank_1bit_png(10000, 9000), max_pixels=100_000_000).size == (10000, 9000)

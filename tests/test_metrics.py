@@ -22,3 +22,15 @@ def test_classification_metrics_topk_and_loss():
     m = classification_metrics(labels, probs, ["x", "y", "z"], k=2)
     assert m["accuracy"] == 1 / 3 and m["top2_accuracy"] == 1.0
     assert abs(m["loss"] - np.mean(-np.log([0.7, 0.3, 0.4]))) < 1e-9
+
+
+def test_a_class_absent_from_the_evaluated_labels_is_named_not_scored():
+    from sklearn.metrics import f1_score
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
+    labels = np.array([0, 1, 0, 0])  # no image of class "z"
+    m = classification_metrics(labels, probs, ["x", "y", "z"])
+    assert m["absent_classes"] == ["z"]
+    assert m["macro_f1"] == f1_score(labels, probs.argmax(1), labels=[0, 1], average="macro")  # over x and y
+    assert [r["support"] for r in m["per_class"]] == [3, 1, 0]
+    full = classification_metrics(np.array([0, 1, 2]), np.eye(3), ["x", "y", "z"])
+    assert full["absent_classes"] == [] and full["macro_f1"] == 1.0

@@ -67,3 +67,43 @@ def test_unusable_datasets_raise_clear_errors(tmp_path, setup, message):
     setup(p)
     with pytest.raises(DatasetError, match=message):
         scan_dataset(p)
+
+
+def _minority(root: Path, big: int, small: int) -> Path:
+    make_shapes(root, per_class=big, classes=("circle",))
+    return make_shapes(root, per_class=small, classes=("square",), seed=1)
+
+
+@pytest.mark.parametrize("small, expected", [(2, {"train": 1, "val": 0, "test": 1}),
+                                             (3, {"train": 1, "val": 1, "test": 1}),
+                                             (5, {"train": 3, "val": 1, "test": 1})])
+def test_a_small_class_gets_held_out_images(tmp_path, small, expected):
+    ds = scan_dataset(_minority(tmp_path / "d", 200, small))
+    assert ds.counts()["square"] == expected
+    assert ds.counts()["circle"] == {"train": 140, "val": 30, "test": 30}  # large classes split as before
+    assert ds.classes_missing_from_held_out() == ({"val": ["square"]} if expected["val"] == 0 else {})
+
+
+def test_held_out_sizes_keep_a_training_image_and_follow_the_fractions():
+    from pixclass.data.scan import held_out_sizes
+    assert held_out_sizes(2, 0.15, 0.15) == (0, 1)  # too small for both: test first
+    assert held_out_sizes(3, 0.1, 0.8) == (1, 1)  # test gives val one back
+    assert held_out_sizes(20, 0.15, 0.15) == (3, 3)
+    assert held_out_sizes(10, 0.0, 0.2) == (0, 2) and held_out_sizes(10, 0.2, 0.0) == (2, 0)  # no fraction, none
+    for n in range(2, 40):
+        n_val, n_test = held_out_sizes(n, 0.15, 0.15)
+        assert n - n_val - n_test >= 1
+
+
+def test_files_without_an_image_extension_are_listed_not_silently_dropped(tmp_path):
+    root = make_shapes(tmp_path / "d", per_class=5)
+    jpeg = (root / "circle" / "circle_000.png").read_bytes()
+    (root / "circle" / "photo.heic").write_bytes(jpeg)
+    (root / "square" / "noextension").write_bytes(jpeg)
+    (root / "square" / ".DS_Store").write_bytes(b"junk")  # hidden: neither data nor worth a warning
+    ds = scan_dataset(root)
+    assert sorted(p.name for p in ds.ignored) == ["noextension", "photo.heic"]
+    assert all(s.path.name not in ("photo.heic", "noextension") for s in ds.samples)
+    from pixclass.data.scan import ignored_files_note
+    note = ignored_files_note(ds.ignored)
+    assert note.startswith("ignored 2 file(s) without an image extension (.heic 1, no extension 1")

@@ -2,6 +2,8 @@
 
 Every file is fully decoded (not just its header). Findings:
 - unreadable: zero-byte, corrupt, truncated or non-image files (with an image extension or not);
+- images that training leaves out because their name has no image extension (a JPEG named .heic,
+  a file without an extension): reported, not counted, as `pixclass train` does not read them;
 - hidden files and folders (never used as data), empty classes;
 - tiny images, mixed colour modes, EXIF-rotated and animated images;
 - exact duplicates (same bytes) and near-duplicates (perceptual hash) within a class, across
@@ -25,7 +27,7 @@ from PIL import Image
 
 from ..errors import DatasetError, ImageDecodeError
 from .decode import DEFAULT_MAX_PIXELS, open_image
-from .scan import IMAGE_EXTENSIONS, split_folders, is_hidden
+from .scan import has_image_extension, split_folders, is_hidden
 
 NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance at or below which two images count as near-duplicates
 
@@ -40,10 +42,12 @@ class FileInfo:
     width: int = 0
     height: int = 0
     mode: str = ""
+    format: str = ""
     frames: int = 1
     exif_rotated: bool = False
     dhash: int | None = None
     error: str | None = None
+    ignored: bool = False  # an image training does not read (no image extension)
 
 
 @dataclass
@@ -118,7 +122,7 @@ def _inspect(path: Path, label, split, max_pixels: int) -> FileInfo:
     except ImageDecodeError as e:
         info.error = e.reason
         return info
-    info.width, info.height, info.mode = img.width, img.height, img.mode
+    info.width, info.height, info.mode, info.format = img.width, img.height, img.mode, img.format or ""
     info.frames = getattr(img, "n_frames", 1)
     try:
         info.exif_rotated = img.getexif().get(0x0112, 1) not in (0, 1)
@@ -199,14 +203,20 @@ def audit(root, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, near_b
     with bar as b:
         for p, label, split in candidates:
             info = _inspect(p, label, split, max_pixels)
-            if info.error and p.suffix.lower() not in IMAGE_EXTENSIONS:
-                info.error = f"not an image ({info.error})"
             files.append(info)
+            if not has_image_extension(p) and info.error:
+                info.error = f"not an image ({info.error})"
+            elif not has_image_extension(p):  # an image under a name training skips: not counted, as in training
+                info.ignored = True
+                problems["ignored_extension"].append({
+                    "path": str(p), "class": label, "split": split,
+                    "reason": f"a {info.format} image that training ignores: {p.suffix or 'no extension'} is not "
+                              f"an image extension (rename it to use it)"})
             if b is not None:
                 b.advance()
     for h in sorted(hidden_dirs):
         problems["hidden"].append({"path": h, "reason": "hidden file or folder (never used as data)"})
-    good = [f for f in files if f.error is None]
+    good = [f for f in files if f.error is None and not f.ignored]
     for f in files:
         if f.error:
             problems["unreadable"].append({"path": str(f.path), "class": f.label, "split": f.split, "reason": f.error})

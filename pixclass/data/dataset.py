@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import DatasetError
 from ..progress import Reporter
 from .loaders import SplitData, StreamingSplit, channel_stats, decode_all, load_split, typical_image_size
-from .scan import ScannedDataset, scan_dataset, write_manifest
+from .scan import ScannedDataset, ignored_files_note, scan_dataset, write_manifest
 from .transforms import Preprocess
 
 
@@ -39,7 +39,12 @@ class PreparedData:
         return self.scanned.classes
 
     def counts(self) -> dict:
-        return self.scanned.counts()
+        """{class: {split: images}} of the images actually used: unreadable files are left out."""
+        table, skipped = self.scanned.counts(), {Path(p) for p, _ in self.skipped}
+        for s in self.scanned.samples:
+            if s.path in skipped:
+                table[s.label][s.split] -= 1
+        return table
 
     def write_manifest(self, path: Path) -> None:
         write_manifest(self.scanned, path)
@@ -51,6 +56,19 @@ def report_skipped(skipped, reporter: Reporter) -> None:
     shown = "\n  ".join(f"{p}: {reason}" for p, reason in skipped[:20])
     more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
     reporter.warn(f"skipped {len(skipped)} unreadable file(s):\n  {shown}{more}")
+
+
+def warn_about_scan(scanned: ScannedDataset, reporter: Reporter) -> None:
+    """What the scan left out, or could not give every class: said before any work."""
+    if scanned.empty_classes:
+        reporter.warn(f"ignored empty class folder(s): {', '.join(scanned.empty_classes)}")
+    if scanned.ignored:
+        reporter.warn(ignored_files_note(scanned.ignored))
+    totals = {c: sum(n.values()) for c, n in scanned.counts().items()}
+    for split, missing in scanned.classes_missing_from_held_out().items():
+        listed = ", ".join(f"{c} ({totals[c]} image(s) in all)" for c in missing)
+        reporter.warn(f"no {split} images for class(es) {listed}: the {split} results say nothing about "
+                      f"{'it' if len(missing) == 1 else 'them'}")
 
 
 def _stats_sample(split, pre: Preprocess, reporter: Reporter, limit: int = 2000):
@@ -71,8 +89,7 @@ def prepare_data(path, channels: int = 3, image_size: int | None = None, fractio
     `PathSplit`s and unreadable files are found later, by whoever decodes."""
     reporter = reporter or Reporter()
     scanned = scanned or scan_dataset(path, fractions, seed, manifest)
-    if scanned.empty_classes:
-        reporter.warn(f"ignored empty class folder(s): {', '.join(scanned.empty_classes)}")
+    warn_about_scan(scanned, reporter)
     index = {c: i for i, c in enumerate(scanned.classes)}
 
     def split_files(name):

@@ -8,6 +8,7 @@ same as it does in a viewer. Only raster image formats are opened (never PDF/EPS
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -29,9 +30,24 @@ def set_max_pixels(limit: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = max(_max_pixels, DEFAULT_MAX_PIXELS)
 
 
+def _too_large(pixels: str, limit: int) -> str:
+    """The one message for an image over the limit, quoting the limit in force (--max-pixels)."""
+    return f"image too large ({pixels} pixels, limit {limit:,}; raise it with --max-pixels)"
+
+
+def _pixels_in_pillow_message(error: Exception) -> str:
+    """Pillow refuses a decompression bomb before its size is readable; its message has the count."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)):,}" if found else "too many"
+
+
 def open_image(source, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode a path, bytes or file object; raises ImageDecodeError on any failure."""
     max_pixels = max_pixels or _max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow's own bomb check (a process-wide setting) must not refuse what this call allows:
+        # the per-call check below is the limit
+        Image.MAX_IMAGE_PIXELS = max_pixels
     name = source if isinstance(source, (str, Path)) else getattr(source, "name", "<bytes>")
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -41,8 +57,7 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source, formats=ALLOWED_FORMATS)
             if img.width * img.height > max_pixels:
-                raise ImageDecodeError(name, f"image too large ({img.width}x{img.height} pixels, limit {max_pixels}; "
-                                             f"raise it with --max-pixels)", kind="too_large")
+                raise ImageDecodeError(name, _too_large(f"{img.width}x{img.height}", max_pixels), kind="too_large")
             img.seek(0)  # animated GIF/WebP: first frame
             img.load()
             return img
@@ -50,8 +65,8 @@ def open_image(source, max_pixels: int | None = None) -> Image.Image:
         raise
     except FileNotFoundError:
         raise ImageDecodeError(name, "file not found") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(name, f"image too large: {e}", kind="too_large") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # over Pillow's limit too
+        raise ImageDecodeError(name, _too_large(_pixels_in_pillow_message(e), max_pixels), kind="too_large") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(name, "not an image or unsupported format", kind="unsupported") from None
     except Exception as e:  # Pillow raises many kinds (OSError, SyntaxError, ValueError...)

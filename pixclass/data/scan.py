@@ -4,13 +4,17 @@ Two layouts are understood:
 - class folders directly under DATA: split here, stratified and seeded (70/15/15 by default);
 - DATA/train/<class>/..., with optional val|valid|validation/ and test/ subfolders.
 The split is written as a manifest (CSV: path, class, split); given an earlier manifest, every file
-listed there keeps its split and only new files are assigned."""
+listed there keeps its split and only new files are assigned.
+
+Only files with an image extension are data; the others in the class folders are kept in
+`ScannedDataset.ignored` so that training can say what it left out (and `audit` agrees with it)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,26 +36,42 @@ def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.startswith("__")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Files below `folder` (recursively) that have an image extension, hidden entries skipped."""
+def has_image_extension(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_in(folder: Path, ignored: list[Path] | None = None) -> list[Path]:
+    """Files below `folder` (recursively) that have an image extension, hidden entries skipped;
+    the other files are added to `ignored` when it is given."""
     found = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if any(is_hidden(Path(part)) for part in rel.parts):
+        if any(is_hidden(Path(part)) for part in rel.parts) or not p.is_file():
             continue
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        if has_image_extension(p):
             found.append(p)
+        elif ignored is not None:
+            ignored.append(p)
     return found
 
 
-def collect_image_paths(inputs) -> list[Path]:
+def ignored_files_note(ignored: list[Path]) -> str:
+    """One warning about files left out for their extension: how many, which extensions, an example."""
+    kinds = Counter(p.suffix.lower() or "no extension" for p in ignored)
+    listed = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
+    return (f"ignored {len(ignored)} file(s) without an image extension ({listed}; e.g. {ignored[0]}): only "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} files are read; rename the ones that are images")
+
+
+def collect_image_paths(inputs, ignored: list[Path] | None = None) -> list[Path]:
     """Files as given, folders searched recursively for image files (hidden entries skipped); for
-    predict, explain and export, which take any mix of files and folders."""
+    predict, explain and export, which take any mix of files and folders. Files in those folders
+    without an image extension are added to `ignored` when it is given."""
     found = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found += _images_in(p)
+            found += _images_in(p, ignored)
         elif p.exists():
             found.append(p)
         else:
@@ -73,9 +93,10 @@ def split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
-def scan_class_folders(folder: Path) -> dict[str, list[Path]]:
-    """{class name: image files}, classes sorted by name."""
-    return {d.name: _images_in(d) for d in _class_dirs(folder)}
+def scan_class_folders(folder: Path, ignored: list[Path] | None = None) -> dict[str, list[Path]]:
+    """{class name: image files}, classes sorted by name; files without an image extension are
+    added to `ignored` when it is given."""
+    return {d.name: _images_in(d, ignored) for d in _class_dirs(folder)}
 
 
 @dataclass
@@ -85,9 +106,17 @@ class ScannedDataset:
     samples: list[Sample]
     layout: str  # "class-folders" or "split-folders"
     empty_classes: list[str] = field(default_factory=list)  # folders without images: not classes
+    ignored: list[Path] = field(default_factory=list)  # files in class folders without an image extension
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
+
+    def classes_missing_from_held_out(self) -> dict[str, list[str]]:
+        """{split: classes without an image there} for the val and test splits that have images:
+        such a class is never validated or tested, and a score over that split says nothing of it."""
+        present = {name: {s.label for s in self.samples if s.split == name} for name in ("val", "test")}
+        return {name: [c for c in self.classes if c not in labels] for name, labels in present.items()
+                if labels and not labels >= set(self.classes)}
 
     def counts(self) -> dict[str, dict[str, int]]:
         table = {c: {s: 0 for s in SPLITS} for c in self.classes}
@@ -126,19 +155,29 @@ def _stable_fraction(path: Path, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def stratified_split(per_class: dict[str, list[Path]], fractions, seed: int) -> dict[Path, str]:
-    """Per class, shuffle with the seed and cut into train/val/test by the fractions.
+def held_out_sizes(n: int, f_val: float, f_test: float) -> tuple[int, int]:
+    """(val, test) image counts for a class of n images: round(fraction * n), but at least one in
+    each split that has a fraction, so that a small class is still validated and tested; at least
+    one image stays in train. Too small a class for all three loses val before test (the split
+    the run reports on)."""
+    room = n - 1
+    n_test = min(max(round(n * f_test), int(f_test > 0)), room)
+    n_val = min(max(round(n * f_val), int(f_val > 0)), room - n_test)
+    if n_val == 0 < f_val and n_test > 1:  # test took the whole room: val gets one back
+        n_test, n_val = n_test - 1, 1
+    return n_val, n_test
 
-    Every class keeps at least one training image; val and test get round(fraction * n)."""
+
+def stratified_split(per_class: dict[str, list[Path]], fractions, seed: int) -> dict[Path, str]:
+    """Per class, shuffle with the seed and cut into train/val/test by the fractions (sizes:
+    `held_out_sizes`)."""
     _, f_val, f_test = fractions
     assignment = {}
     rng = random.Random(seed)
     for label in sorted(per_class):
         files = sorted(per_class[label])
         rng.shuffle(files)
-        n = len(files)
-        n_test = min(round(n * f_test), n - 1)
-        n_val = min(round(n * f_val), n - 1 - n_test)
+        n_val, n_test = held_out_sizes(len(files), f_val, f_test)
         for i, p in enumerate(files):
             assignment[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return assignment
@@ -156,7 +195,8 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
     split_dirs = split_folders(root)
     if "train" in split_dirs:
         return _scan_split_folders(root, split_dirs, fractions, seed)
-    per_class = scan_class_folders(root)
+    ignored: list[Path] = []
+    per_class = scan_class_folders(root, ignored)
     empty = _check_classes(per_class, root)
     previous = read_manifest(manifest, root) if manifest else {}
     fresh = {label: [p for p in files if p not in previous] for label, files in per_class.items()}
@@ -164,11 +204,12 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
         p: _assign_new_file(p.relative_to(root), fractions, seed) for files in fresh.values() for p in files}
     assignment.update({p: s for p, (_, s) in previous.items()})
     samples = [Sample(p, label, assignment[p]) for label, files in per_class.items() for p in files]
-    return ScannedDataset(root, sorted(per_class), samples, "class-folders", empty)
+    return ScannedDataset(root, sorted(per_class), samples, "class-folders", empty, ignored)
 
 
 def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed) -> ScannedDataset:
-    train = scan_class_folders(split_dirs["train"])
+    ignored: list[Path] = []
+    train = scan_class_folders(split_dirs["train"], ignored)
     empty = _check_classes(train, split_dirs["train"])
     classes = sorted(train)
     samples: list[Sample] = []
@@ -181,13 +222,13 @@ def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed
     for split in ("val", "test"):
         if split not in split_dirs:
             continue
-        for label, files in scan_class_folders(split_dirs[split]).items():
+        for label, files in scan_class_folders(split_dirs[split], ignored).items():
             if not files:
                 continue
             if label not in train:
                 raise DatasetError(f"class {label!r} in {split_dirs[split]} has no folder in {split_dirs['train']}")
             samples += [Sample(p, label, split) for p in files]
-    return ScannedDataset(root, classes, samples, "split-folders", empty)
+    return ScannedDataset(root, classes, samples, "split-folders", empty, ignored)
 
 
 def write_manifest(dataset: ScannedDataset, path: Path) -> None:

@@ -124,7 +124,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         held = result.held_out
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
         report = write_report(run_dir, art, metrics, held.probabilities, held.labels, held.paths,
-                              history=result.history, counts=data.counts(), title=f"pixclass run {run_dir.name}",
+                              history=result.history, counts=data.counts(),
                               run_info={"data": cfg.data.path, "run folder": str(run_dir), "recipe": cfg.train.recipe,
                                         "epochs run": len(result.history),
                                         "seconds": round(time.perf_counter() - started, 1)},
