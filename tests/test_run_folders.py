@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_shapes
+
 from pixclass.cli import main
 from pixclass.errors import UserError
 from pixclass.runs import claim_folder, claim_new_folder
@@ -136,9 +136,11 @@ def test_unusable_out_is_one_line_before_the_data_is_read(tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     code, err = _cli(capsys, "train", missing_data, *TINY, "--out", a_file)
-    assert code == 2 and _one_error_line(err) == f"error: the run folder {a_file} is a file; give --out a new or empty folder"
+    assert code == 2
+    assert _one_error_line(err) == f"error: the run folder {a_file} is a file; give --out a new or empty folder"
     code, err = _cli(capsys, "train", missing_data, *TINY, "--out", a_file / "run")  # fails for root too
-    assert code == 2 and _one_error_line(err) == f"error: cannot create the run folder {a_file / 'run'}: {a_file} is a file"
+    assert code == 2
+    assert _one_error_line(err) == f"error: cannot create the run folder {a_file / 'run'}: {a_file} is a file"
     assert a_file.read_text() == "x"
 
     # a failure before training gives the folder back: the same --out works once the data is fixed
@@ -196,7 +198,7 @@ class _FullDisk:
         self.files, self.room = files, room
 
     def __call__(self, path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
+        f = open(path, mode, *args, **kwargs)  # noqa: SIM115 (handed back open, as open() does)
         if "w" not in mode:
             return f
         self.files -= 1
@@ -223,14 +225,19 @@ class _FillingFile:
         self.f.close()
 
 
+def _checkpoint_every_step(data: Path, config: Path, epochs: int) -> Path:
+    train = {"epochs": epochs, "batch_size": 8, "checkpoint_interval": 0, "threads": 1}
+    config.write_text(yaml.safe_dump({"data": {"path": str(data), "image_size": 32}, "model": {"name": "seed-cnn"},
+                                      "augment": {"policy": "none"}, "train": train}))
+    return config
+
+
 def test_full_disk_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     from pixclass.train import checkpoint
     data = make_shapes(tmp_path / "shapes", per_class=6)
-    config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  path: {data}\n  image_size: 32\nmodel:\n  name: seed-cnn\naugment:\n  policy: none\n"
-                      "train:\n  epochs: 3\n  batch_size: 8\n  checkpoint_interval: 0\n  threads: 1\n")
+    config = _checkpoint_every_step(data, tmp_path / "c.yaml", epochs=3)
     run = tmp_path / "run"
-    # room for the first step's best.pt, last.pt and metrics.csv... then the disk is full
+    # room for four more files (the first steps' checkpoints), then the disk is full
     monkeypatch.setattr(checkpoint, "open", _FullDisk(files=4), raising=False)
     code, err = _cli(capsys, "train", "--config", config, "--out", run, "-q")
     monkeypatch.undo()
@@ -260,9 +267,7 @@ def test_a_real_full_disk_when_a_tmpfs_can_be_mounted(tmp_path, capsys):
         pytest.skip("mounting a tmpfs needs root and a system that allows it")
     try:
         data = make_shapes(tmp_path / "shapes", per_class=6)
-        config = tmp_path / "c.yaml"
-        config.write_text(f"data:\n  path: {data}\n  image_size: 32\nmodel:\n  name: seed-cnn\naugment:\n  policy: none\n"
-                          "train:\n  epochs: 2\n  batch_size: 8\n  checkpoint_interval: 0\n  threads: 1\n")
+        config = _checkpoint_every_step(data, tmp_path / "c.yaml", epochs=2)
         code, err = _cli(capsys, "train", "--config", config, "--out", disk / "run", "-q")
         assert code == 2 and "no space left on device while writing" in _one_error_line(err)
         assert not list((disk / "run").rglob("*.tmp"))
