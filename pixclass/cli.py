@@ -124,7 +124,8 @@ def train(
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<data name>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: a new or empty folder; one holding anything is "
+                                      "refused (default: runs/<data name>, or -2, -3... when taken)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),

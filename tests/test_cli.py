@@ -43,7 +43,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
     assert proc.returncode == 0 and "circle_000.png" in proc.stdout
 
 
-def test_rerun_with_same_out_keeps_the_split(tmp_path):
+def test_rerun_with_the_manifest_keeps_the_split(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=10)
     out = tmp_path / "run"
     assert run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q").returncode == 0
@@ -51,9 +51,10 @@ def test_rerun_with_same_out_keeps_the_split(tmp_path):
     make_shapes(tmp_path / "more", per_class=3, seed=9)
     for f in (tmp_path / "more" / "circle").iterdir():
         f.rename(data / "circle" / f"extra_{f.name}")
-    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", out, "-q", "--seed", "5")
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--out", tmp_path / "again",
+                   "--manifest", out / "manifest.csv", "-q", "--seed", "5")
     assert proc.returncode == 0, proc.stderr
-    second = set((out / "manifest.csv").read_text().splitlines())
+    second = set((tmp_path / "again" / "manifest.csv").read_text().splitlines())
     assert set(first.splitlines()) <= second and len(second) == len(first.splitlines()) + 3
 
 

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import save_checkpoint
+from .checkpoint import replace_atomically, save_checkpoint
 
 HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                   "epoch_s", "images_per_s", "elapsed_s"]
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
+    """metrics.csv, replaced whole: a full disk leaves the previous epoch's file, not a torn one."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    replace_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
 class HistoryFile:

@@ -5,8 +5,11 @@ metrics, curves, checkpoints, model, evaluation, report)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,17 +20,19 @@ from ..data.dataset import PreparedData, prepare_data, report_skipped
 from ..data.decode import set_max_pixels
 from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..evaluate import write_evaluation
 from ..metrics import classification_metrics
 from ..models.registry import create_model
 from ..plot_worker import plotter_for_run
 from ..progress import Reporter
 from ..report import write_report
-from ..runs import new_run_dir
+from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
-from .checkpoint import load_checkpoint
+from .checkpoint import RunFolderWriteError, describe_os_error, load_checkpoint
 from .recipes import FitResult, Job, choose_recipe
+
+FAILED_FILE = "failed.txt"  # in the folder of a run that stopped before it finished: why, and what next
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -64,14 +69,57 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     distributed.init(dist, device)
     started = time.perf_counter()
     set_max_pixels(cfg.data.max_pixels)
-    preprocess, resume_from = None, None
-    if resume is not None:
-        resume_from, state, run_dir = _resume_state(resume)
-        preprocess = Preprocess.from_dict(state["extra"]["preprocess"])
+    resumed = _resume_state(resume) if resume is not None else None
+    # a new run's folder is claimed before any data is read: a bad --out fails at once, and no
+    # run started meanwhile can choose the same folder (only rank 0 writes one)
+    folder = _claim_run_folder(cfg, out) if resumed is None and dist.main else None
+    run_dir = resumed.run_dir if resumed is not None else folder.path if folder is not None else None
+    job = None
+    try:
+        job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device)
+        result = recipe.fit(job)
+        if not dist.main:  # rank 0 evaluates and writes the run folder
+            distributed.shutdown(dist)
+            return {"rank": dist.rank, "epochs_run": len(result.history)}
+        summary = _finish(job, result, run_dir, plotter, started)
+    except (Exception, KeyboardInterrupt) as e:
+        if folder is not None and not _trained_anything(run_dir):  # the same --out works next time
+            folder.release(written=("manifest.csv",))
+            raise
+        if not dist.main or job is None:  # a failed resume wrote nothing: the run is as it was
+            raise
+        stopped = _record_stop(e, run_dir, recipe)
+        if stopped is None:
+            raise
+        raise stopped from None
+    distributed.shutdown(dist)
+    return summary
+
+
+def _claim_run_folder(cfg: RunConfig, out) -> ClaimedFolder:
+    """The new run's folder, claimed (see runs.py) and holding its config.yaml."""
+    if out:
+        folder = claim_folder(Path(out), CLAIM_FILE)
     else:
-        run_dir = Path(out) if out else new_run_dir(Path(cfg.data.path).resolve().name)
-    manifest = cfg.data.manifest or (run_dir / "manifest.csv" if (run_dir / "manifest.csv").is_file() else None)
+        folder = claim_new_folder(Path(cfg.data.path).resolve().name, claim=CLAIM_FILE)
+    try:
+        _write_run_files(folder.path, cfg)
+    except UserError:
+        folder.release()
+        raise
+    return folder
+
+
+def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, reporter: Reporter, dist, device) -> Job:
+    """Scan, split and decode the data and build the model; a resumed run is checked against its
+    checkpoint first. The run folder's config.yaml and manifest.csv are written only after that."""
+    preprocess = Preprocess.from_dict(resumed.state["extra"]["preprocess"]) if resumed is not None else None
+    manifest = cfg.data.manifest
+    if manifest is None and resumed is not None and (resumed.run_dir / "manifest.csv").is_file():
+        manifest = resumed.run_dir / "manifest.csv"
     scanned = scan_dataset(cfg.data.path, cfg.data.split, cfg.train.seed, manifest)
+    if resumed is not None:
+        _check_resumed_classes(resumed, scanned.classes, cfg.data.path)
     findings = quick_audit(scanned)
     if findings:
         reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
@@ -89,19 +137,50 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     if model is None:
         model, arch = create_model(cfg.model.name, len(data.classes), data.preprocess.channels, data.preprocess.size,
                                    cfg.model, reporter)
+    if resumed is not None:
+        _check_resumed_model(resumed, model, arch)
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data.write_manifest(run_dir / "manifest.csv")
-        cfg.save_yaml(run_dir / "config.yaml")
+        _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)
-    job = Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device, resume_from, early)
-    result = recipe.fit(job)
-    if not dist.main:  # rank 0 evaluates and writes the run folder
-        distributed.shutdown(dist)
-        return {"rank": dist.rank, "epochs_run": len(result.history)}
-    summary = _finish(job, result, run_dir, plotter, started)
-    distributed.shutdown(dist)
-    return summary
+    return Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device,
+               resumed.checkpoint if resumed is not None else None, early)
+
+
+def _write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData | None = None) -> None:
+    """config.yaml and (once the data is split) manifest.csv, each replaced whole."""
+    tmp = run_dir / "manifest.csv.tmp"
+    try:
+        if data is not None:
+            data.write_manifest(tmp)
+            os.replace(tmp, run_dir / "manifest.csv")
+        cfg.save_yaml(run_dir / CLAIM_FILE)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write in the run folder {run_dir}: {describe_os_error(e)}") from None
+
+
+def _trained_anything(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").exists() or (run_dir / "metrics.csv").exists()
+
+
+def _record_stop(error: BaseException, run_dir: Path, recipe) -> UserError | None:
+    """A run that stopped after it began training keeps its folder (config.yaml describes the run
+    its checkpoints belong to, which is what --resume continues) and says so in failed.txt.
+    Returns the error to raise in place of `error` (one line, with how to continue), or None."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = RunFolderWriteError(f"{describe_os_error(error)} while writing the run folder {run_dir}")
+    message = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else first_line(error)
+    if recipe.resumable and (run_dir / "checkpoints" / "last.pt").is_file():
+        how = f"continue it with: pixclass train --resume {run_dir}"
+    else:
+        how = "start it again with another --out"
+    try:  # best effort: on a full disk even this may not fit, and the folder already tells (no model/)
+        (run_dir / FAILED_FILE).write_text(f"this run stopped before it finished: {message}\n{how}\n")
+    except OSError:
+        pass
+    if isinstance(error, RunFolderWriteError):
+        return RunFolderWriteError(f"{message}; {how}")
+    return None
 
 
 def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float) -> dict:
@@ -119,6 +198,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     art.metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}
     model_dir = artifact_io.save(art, run_dir / "model")  # before the report: nothing it does can cost the model
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a resumed run that has now finished
     report = None
     if metrics:
         held = result.held_out
@@ -139,11 +219,42 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
             "skipped_files": [str(p) for p, _ in result.skipped], "report": str(report) if report else None}
 
 
-def _resume_state(resume: Path):
+class Resumed(NamedTuple):
+    checkpoint: Path
+    state: dict
+    run_dir: Path
+
+
+def _resume_state(resume: Path) -> Resumed:
     resume = Path(resume)
     ckpt_path = resume if resume.is_file() else resume / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt_path)
-    return ckpt_path, state, ckpt_path.parent.parent
+    return Resumed(ckpt_path, state, ckpt_path.parent.parent)
+
+
+def _check_resumed_classes(resumed: Resumed, classes: list[str], data_path) -> None:
+    """The data must have the classes the run was trained on, in the same order: a different
+    count fails to load, and the same count with other names would label the model wrongly."""
+    saved = list(resumed.state.get("extra", {}).get("classes") or classes)
+    if saved != list(classes):
+        raise UserError(f"cannot resume {resumed.run_dir} on {data_path}: the run was trained on the classes "
+                        f"{_names(saved)}, the data has {_names(classes)}")
+
+
+def _check_resumed_model(resumed: Resumed, model: torch.nn.Module, arch: dict) -> None:
+    """The network built now must take the checkpoint's weights (same architecture, same shapes)."""
+    saved_arch = resumed.state.get("extra", {}).get("arch") or {}
+    saved = {k: tuple(v.shape) for k, v in resumed.state["model"].items()}
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved_arch.get("name", arch["name"]) != arch["name"] or saved != built:
+        raise UserError(f"cannot resume {resumed.run_dir}: its checkpoint holds a {saved_arch.get('name', '?')} "
+                        f"({len(saved)} tensors), the options given build a {arch['name']} ({len(built)} tensors"
+                        f"{', other shapes' if len(saved) == len(built) else ''}); resume without changing the model")
+
+
+def _names(classes: list[str], shown: int = 10) -> str:
+    more = f", ... ({len(classes)} in all)" if len(classes) > shown else ""
+    return "[" + ", ".join(classes[:shown]) + more + "]"
 
 
 def _report_setup(data: PreparedData, model, arch: dict, recipe, device, dist, reporter: Reporter) -> None:
