@@ -150,6 +150,25 @@ def test_a_minority_class_is_tested_and_a_missing_split_is_named(tmp_path):
     assert "no val images for class(es) square (2 image(s) in all)" in proc.stderr
 
 
+def test_a_class_missing_from_a_given_manifests_test_split_is_named_beside_the_accuracy(tmp_path):
+    # a manifest (or a fixed split) can leave a class out of the held-out split: the final
+    # accuracy then does not cover it, and the run says so beside it
+    data = make_shapes(tmp_path / "data", per_class=6, classes=("circle", "square"))
+    rows = ["path,class,split"]
+    for cls in ("circle", "square"):
+        for i, f in enumerate(sorted((data / cls).iterdir())):
+            split = "train" if i < 4 or cls == "square" else "test"
+            rows.append(f"{cls}/{f.name},{cls},{split}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    proc = run_cli("train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--manifest",
+                   manifest, "--out", tmp_path / "run", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)["metrics"]
+    assert metrics["absent_classes"] == ["square"]
+    assert "not evaluated: square" in proc.stderr
+
+
 def test_evaluating_without_a_class_says_so(trained_run, shapes_session, tmp_path, capsys):
     from pixclass.cli import main
     from conftest import subset

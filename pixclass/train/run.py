@@ -22,7 +22,7 @@ from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess
 from ..errors import UserError, first_line
 from ..evaluate import write_evaluation
-from ..metrics import classification_metrics
+from ..metrics import absent_classes_note, classification_metrics
 from ..models.registry import create_model
 from ..plot_worker import plotter_for_run
 from ..progress import Reporter
@@ -193,6 +193,10 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         held = result.held_out
         metrics = dict(classification_metrics(held.labels, held.probabilities, data.classes), split=held.split,
                        **result.metrics)
+        # said again beside the final accuracy: a class with no held-out image is not in that number
+        note = absent_classes_note(metrics, f"the {held.split} split")
+        if note:
+            job.reporter.warn(note)
     art = artifact_io.Artifact(model=job.model, arch=job.arch, classes=data.classes, preprocess=data.preprocess,
                                config=cfg.to_dict())
     art.metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
