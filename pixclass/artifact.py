@@ -87,8 +87,14 @@ def load(folder) -> Artifact:
     # the network's shapes against the weights' before a real tensor exists: the JSON's numbers
     # (layer widths, image size, class count) cannot make the loader allocate more than the
     # weights file holds
-    _check_weights_fit(_build(meta, meta_path, device="meta"), weights_path)
-    model = _build(meta, meta_path, device="cpu")
+    try:
+        shapes_only = _build(meta, meta_path, device="meta")
+    except UserError:
+        raise
+    except Exception as e:  # a combination the ranges allow but the network does not
+        raise UserError(f"{meta_path}: arch: cannot build this network ({type(e).__name__}: {first_line(e)})") from None
+    _check_weights_fit(shapes_only, weights_path)
+    model = _build(meta, meta_path, device="cpu")  # now no bigger than the weights file
     try:
         state = load_file(str(weights_path))
     except Exception as e:
@@ -111,8 +117,6 @@ def _build(meta: Metadata, meta_path: Path, device: str) -> nn.Module:
             return meta.family.build(meta.arch)
     except UserError as e:  # e.g. an unknown timm name
         raise UserError(f"{meta_path}: arch: {e}") from None
-    except Exception as e:  # a combination the ranges allow but the network does not
-        raise UserError(f"{meta_path}: arch: cannot build this network ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _check_weights_fit(model: nn.Module, weights_path: Path) -> None:
