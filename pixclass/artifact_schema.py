@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models.registry import MAX_CLASSES, ArchKwargs, ImageSize, ModelFamily, family_of
 
 FORMAT = "pixclass-artifact/1"
@@ -28,7 +29,17 @@ MAX_METADATA_BYTES = 16 * 2**20
 # a model name as pixclass and timm write them: no ":" (timm reads "hf-hub:..." and "local-dir:..."
 # as places to load a configuration from), no "/" (no path)
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=128)]
-ClassName = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+def _class_name(value: Any) -> str:
+    # by hand, not pydantic's str: that refuses a lone surrogate, which is how a class folder's
+    # name that is not valid UTF-8 comes back from the JSON
+    if not isinstance(value, str) or not 1 <= len(value) <= 1000:
+        raise ValueError("a class name is a string of 1 to 1000 characters")
+    return value
+
+
+ClassName = Annotated[str, PlainValidator(_class_name)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -103,8 +114,14 @@ def read_metadata(path: Path) -> Metadata:
     if size > MAX_METADATA_BYTES:
         raise UserError(f"{path}: {size} bytes, too large for a model description "
                         f"(at most {MAX_METADATA_BYTES // 2**20} MiB)")
+    # Python's parser, not pydantic's: it reads back everything `json.dumps` writes, such as a class
+    # folder's name that is not valid UTF-8 (a lone surrogate escape), which pydantic's refuses
     try:
-        spec = ArtifactSpec.model_validate_json(path.read_bytes())
+        document = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise UserError(f"{path}: not valid JSON ({first_line(e)})") from None
+    try:
+        spec = ArtifactSpec.model_validate(document)
     except ValidationError as e:
         raise UserError(f"{path}: {describe(e)}") from None
     arch = spec.arch.model_dump(exclude_unset=True)
@@ -139,9 +156,7 @@ def describe(error: ValidationError, prefix: tuple = (), known: type[BaseModel] 
     first = error.errors(include_url=False)[0]
     loc = ".".join(str(part) for part in (*prefix, *first["loc"]))
     kind, value = first["type"], first.get("input")
-    if kind == "json_invalid":
-        message = f"not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})"
-    elif kind == "model_type" and not loc:
+    if kind == "model_type" and not loc:
         message = f"must hold a JSON object (got {_short_json(value)})"
     elif kind == "extra_forbidden":
         message = f"not a known argument (known: {', '.join(known.model_fields)})" if known else "not a known field"
@@ -158,6 +173,6 @@ def _short_json(value: Any, limit: int = 60) -> str:
     """`value` as JSON on one line, cut to `limit` characters."""
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -156,6 +156,25 @@ def test_the_untampered_model_still_predicts(small_model, image, capsys):
     assert json.loads(capsys.readouterr().out)[0]["top_k"][0]["class"] in ("circle", "square", "triangle")
 
 
+def test_a_class_named_after_a_folder_name_that_is_not_utf8_still_loads(small_model, tmp_path):
+    """Such a name reaches the JSON as a lone surrogate escape, which json.loads reads back and
+    stricter JSON parsers refuse."""
+    from pixclass import artifact
+    names = ["caf\udce9", "ete", "plain"]
+    model = tampered(small_model, tmp_path / "model", lambda m: {**m, "classes": names})
+    assert "\\udce9" in (model / "pixclass.json").read_text()
+    assert artifact.load(model).classes == names
+
+
+def test_integers_where_numbers_are_expected_still_load(small_model, tmp_path):
+    from pixclass import artifact
+    model = tampered(small_model, tmp_path / "model", lambda m: {
+        **with_("preprocess", mean=[0, 0, 1], std=[1, 1, 1], crop_pct=1)(m),
+        "arch": {**m["arch"], "kwargs": {**m["arch"]["kwargs"], "dropout": 0}}})
+    art = artifact.load(model)
+    assert art.preprocess.mean == (0.0, 0.0, 1.0) and art.preprocess.crop_pct == 1
+
+
 @pytest.mark.parametrize("name", ["seed-cnn", "airbench", "timm", "transfer"])
 def test_every_earlier_artifact_passes_the_schema(name):
     from pixclass.artifact_schema import read_metadata
