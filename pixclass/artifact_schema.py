@@ -86,6 +86,16 @@ class ArtifactSpec(_Strict):
     metrics: dict[str, Any] = {}
     versions: dict[str, Any] = {}
 
+    @field_validator("config")
+    @classmethod
+    def _data_path_is_text(cls, config: dict) -> dict:
+        # the training config is free-form, except what export reads from it: config.data.path, the
+        # held-out images it verifies on when no --data is given
+        data = config.get("data", {})
+        if not isinstance(data, dict) or not isinstance(data.get("path", ""), (str, type(None))):
+            raise ValueError("config.data must be an object whose path is a string")
+        return config
+
     @field_validator("classes")
     @classmethod
     def _unique(cls, classes: list[str]) -> list[str]:

@@ -89,6 +89,7 @@ TAMPERED = {
     "two channels": (with_("preprocess", channels=2), "preprocess.channels", "1 or 3"),
     "grey images for a colour network": (with_("preprocess", channels=1, mean=[0.5], std=[0.5]),
                                          "preprocess.channels", "the network takes 3"),
+    "config.data not an object": (lambda m: {**m, "config": {"data": [1]}}, "config", "config.data must be"),
     "unknown format": (lambda m: {**m, "format": "pixclass-artifact/9"}, "format", "pixclass-artifact/1"),
     "arch kwargs naming a checkpoint": (lambda m: {**m, "arch": {"name": "resnet18", "kwargs": {
         "num_classes": 3, "checkpoint_path": f"/tmp/{SENTINEL_NAME}"}}}, "arch.kwargs.checkpoint_path",
