@@ -1,8 +1,9 @@
 """The model artifact: a folder with `model.safetensors` (weights) and `pixclass.json`
 (architecture and its arguments, class names, preprocessing, training config, metrics, versions).
 
-Loading rebuilds the network from the JSON and fills it from safetensors: no pickle anywhere, and
-nothing from the training code is imported."""
+Loading checks the JSON against its schema (artifact_schema.py) and the weights' shapes against
+the network it describes, then rebuilds the network and fills it from safetensors: no pickle
+anywhere, and nothing from the training code is imported."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .artifact_schema import FORMAT, Metadata, read_metadata
 from .data.transforms import Preprocess
 from .errors import UserError, first_line
-from .models.registry import build_model
 
-FORMAT = "pixclass-artifact/1"
 WEIGHTS_FILE, META_FILE = "model.safetensors", "pixclass.json"
 
 
@@ -82,21 +83,18 @@ def load(folder) -> Artifact:
         return load(folder.parent)
     if not meta_path.is_file() or not weights_path.is_file():
         raise UserError(f"not a pixclass model folder (needs {META_FILE} and {WEIGHTS_FILE}): {folder}")
+    meta = read_metadata(meta_path)
+    # the network's shapes against the weights' before a real tensor exists: the JSON's numbers
+    # (layer widths, image size, class count) cannot make the loader allocate more than the
+    # weights file holds
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path}: unsupported artifact format {meta.get('format')!r}")
-    try:
-        model = build_model(meta["arch"])
-        preprocess = Preprocess.from_dict(meta["preprocess"])
-        classes = list(meta["classes"])
+        shapes_only = _build(meta, meta_path, device="meta")
     except UserError:
         raise
-    except Exception as e:  # a hand-edited or foreign JSON: name what is wrong, no traceback
-        raise UserError(f"{meta_path}: incomplete or invalid model description "
-                        f"({type(e).__name__}: {first_line(e)})") from None
+    except Exception as e:  # a combination the ranges allow but the network does not
+        raise UserError(f"{meta_path}: arch: cannot build this network ({type(e).__name__}: {first_line(e)})") from None
+    _check_weights_fit(shapes_only, weights_path)
+    model = _build(meta, meta_path, device="cpu")  # now no bigger than the weights file
     try:
         state = load_file(str(weights_path))
     except Exception as e:
@@ -107,5 +105,46 @@ def load(folder) -> Artifact:
         raise UserError(f"{weights_path} does not fit the architecture in {META_FILE}: "
                         f"{first_line(e)}") from None
     model.eval()
-    return Artifact(model=model, arch=meta["arch"], classes=classes, preprocess=preprocess,
-                    config=meta.get("config", {}), metrics=meta.get("metrics", {}), versions=meta.get("versions", {}))
+    preprocess = Preprocess.from_dict(meta.spec.preprocess.model_dump())
+    _check_answers_one_score_per_class(model, preprocess, len(meta.spec.classes), meta_path)
+    return Artifact(model=model, arch=meta.arch, classes=list(meta.spec.classes), preprocess=preprocess,
+                    config=meta.spec.config, metrics=meta.spec.metrics, versions=meta.spec.versions)
+
+
+def _build(meta: Metadata, meta_path: Path, device: str) -> nn.Module:
+    try:
+        with torch.device(device):
+            return meta.family.build(meta.arch)
+    except UserError as e:  # e.g. an unknown timm name
+        raise UserError(f"{meta_path}: arch: {e}") from None
+
+
+def _check_weights_fit(model: nn.Module, weights_path: Path) -> None:
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:
+        raise UserError(f"{weights_path} is not a valid safetensors file ({first_line(e)})") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problem = next((f"{name} is missing" for name in expected if name not in stored), None)
+    problem = problem or next((f"{name} is not part of the network" for name in stored if name not in expected), None)
+    problem = problem or next((f"{name} has shape {list(stored[name])}, the network's is {list(shape)}"
+                               for name, shape in expected.items() if stored[name] != shape), None)
+    if problem:
+        raise UserError(f"{weights_path} does not fit the architecture in {META_FILE}: {problem}")
+
+
+def _check_answers_one_score_per_class(model: nn.Module, preprocess: Preprocess, n_classes: int, meta_path: Path):
+    """One image of the stored size through the network: sizes the network cannot take (a
+    timm network with a fixed position embedding, strides that leave nothing) fail here, with one
+    line, rather than at the first prediction; and the class list must name every output."""
+    size = preprocess.size
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, preprocess.channels, size, size))
+    except Exception as e:
+        raise UserError(f"{meta_path}: preprocess.size: the network cannot take {size}x{size} images "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    if out.ndim != 2 or out.shape[1] != n_classes:
+        raise UserError(f"{meta_path}: classes: {n_classes} names, but the network answers {list(out.shape[1:])} "
+                        f"scores per image")

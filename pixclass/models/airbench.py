@@ -4,10 +4,13 @@ GELU, global max pooling, a bias-free linear layer with a fixed output scale."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from .registry import ModelFamily
+from .registry import ArchKwargs, ModelFamily, Width
 
 
 def _bn(width: int) -> nn.BatchNorm2d:
@@ -70,12 +73,17 @@ class AirbenchNet(nn.Module):
         return self.head(x) * self.output_scale
 
 
+class AirbenchKwargs(ArchKwargs):
+    widths: Annotated[list[Width], Field(min_length=1, max_length=6)]
+
+
 class AirbenchFamily(ModelFamily):
     """airbench94's widths, and airbench95's (2.5x the compute per image) as `airbench-wide`."""
 
     WIDTHS = {"airbench": (64, 256, 256), "airbench-wide": (128, 384, 384)}
     names = tuple(WIDTHS)
     description = "the fast recipe's network for small images, trained from scratch"
+    arch_kwargs = AirbenchKwargs
 
     def canonical(self, name: str) -> str:
         return name.lower()

@@ -7,11 +7,14 @@ numerically stable form) and by the inference backends."""
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from .registry import ModelFamily
+from .registry import ArchKwargs, Dropout, ImageSize, ModelFamily, Width
 
 
 def _conv_out(size: int, kernel: int, padding: str) -> int:
@@ -54,9 +57,23 @@ class ClassicCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ClassicCNNKwargs(ArchKwargs):
+    # the defaults are ClassicCNN's, for an arch written without a model config
+    image_size: ImageSize = 224
+    filters: Annotated[list[Width], Field(min_length=1, max_length=8)] = [32, 64, 128]
+    kernel_size: Literal[1, 3, 5, 7] = 3
+    dense: Width = 256
+    padding: Literal["valid", "same"] = "valid"
+    dropout: Dropout = 0.0
+
+
 class ClassicCNNFamily(ModelFamily):
     names = ("classic-cnn", "classic_cnn", "seed-cnn", "seed_cnn", "seedcnn")
     description = "the classic small CNN, trained from scratch"
+    arch_kwargs = ClassicCNNKwargs
+
+    def input_size(self, kwargs: ClassicCNNKwargs) -> int:
+        return kwargs.image_size  # its Dense layer is sized for images of exactly this size
 
     def architecture(self, name, num_classes, in_channels, image_size, model_cfg=None) -> dict:
         kwargs = {"num_classes": num_classes, "in_channels": in_channels}

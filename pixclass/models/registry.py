@@ -10,13 +10,37 @@ FAMILY_MODULES. Importing this module imports no family (the classic CNN never p
 from __future__ import annotations
 
 import importlib
+from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import UserError
 
 # searched in this order; the timm family comes last because it accepts any timm name
 FAMILY_MODULES = ("classic_cnn", "airbench", "transfer", "timm_models")
+
+# the bounds config.py puts on `data.image_size`: no run makes a network for other sizes
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+MAX_CLASSES = 100_000
+ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]
+Width = Annotated[int, Field(ge=1, le=8192)]  # channels or units of one layer
+Dropout = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ArchKwargs(BaseModel):
+    """The keyword arguments a family writes into `arch["kwargs"]`, with their types and ranges.
+
+    A family's builder receives only the keys its subclass names: a pixclass.json is input from
+    anywhere, and a builder passes its kwargs on (timm's `create_model` would open a file named by
+    `checkpoint_path`, or by the `file` of a `pretrained_cfg_overlay`). Strict: no string or bool
+    passes for a number. The ranges are sanity bounds; whether the sizes fit the weights is checked
+    against the weights file before a real network is built."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    num_classes: Annotated[int, Field(ge=1, le=MAX_CLASSES)]
+    in_channels: Literal[1, 3] = 3
 
 
 class ModelFamily:
@@ -27,6 +51,12 @@ class ModelFamily:
     # True where pretrained weights fix the preprocessing: the network is then built before the
     # data is prepared, and `preprocess` gives the images' size and normalization
     weights_decide_preprocessing = False
+    arch_kwargs: type[ArchKwargs] = ArchKwargs
+
+    def input_size(self, kwargs: ArchKwargs) -> int | None:
+        """The image size the network is built for where its arch records one, else None (the
+        network pools globally and takes any size its strides allow)."""
+        return None
 
     def handles(self, name: str, model_cfg=None) -> bool:
         return name.lower() in self.names

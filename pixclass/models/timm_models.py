@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError
-from .registry import ModelFamily
+from .registry import ArchKwargs, Dropout, ModelFamily
 
 
 def check_timm_name(name: str) -> None:
@@ -16,8 +16,15 @@ def check_timm_name(name: str) -> None:
         raise UserError(f"unknown model {name!r}{hint}")
 
 
+class TimmKwargs(ArchKwargs):
+    # not the rest of timm's create_model arguments: `checkpoint_path` and `pretrained_cfg_overlay`
+    # make it open files, and no pixclass run writes any other
+    drop_rate: Dropout = 0.0
+
+
 class TimmFamily(ModelFamily):
     description = "a timm architecture, trained from scratch"
+    arch_kwargs = TimmKwargs
 
     def handles(self, name: str, model_cfg=None) -> bool:
         return True  # the last family asked: the name is checked against timm's list when built

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import pretrained as pretrained_weights
-from .registry import ModelFamily
+from .registry import ArchKwargs, Dropout, ModelFamily, Width
 
 # containers whose children are the stages to split at (timm's EfficientNet/MobileNet `blocks`,
 # ConvNeXt/RegNet `stages`, ...); everything else at the top level is one unit
@@ -77,6 +77,8 @@ def backbone_units(backbone: nn.Module) -> tuple[nn.Module, ...] | None:
         else:
             units.append(child)
     units = tuple(units)
+    if any(p.is_meta for p in backbone.parameters()):
+        return None  # a shape-only build (the artifact loader's check): no values to compare
     was_training = backbone.training
     backbone.eval()
     try:
@@ -122,12 +124,18 @@ def uses_pretrained(name: str, model_cfg=None) -> bool:
     return pretrained_weights.has_offline_weights(name) or bool(getattr(model_cfg, "weights", None))
 
 
+class TransferKwargs(ArchKwargs):
+    hidden: Width = 256
+    dropout: Dropout = TRANSFER_DROPOUT
+
+
 class PretrainedBackboneFamily(ModelFamily):
     """Any timm backbone with ImageNet weights (offline for EfficientNet-Lite0/1/2, from timm's
     cache otherwise) or a user's weights file, under the classification head."""
 
     description = "a pretrained timm backbone with a new head, fine-tuned"
     weights_decide_preprocessing = True
+    arch_kwargs = TransferKwargs
 
     def handles(self, name: str, model_cfg=None) -> bool:
         return uses_pretrained(name, model_cfg)
@@ -145,6 +153,8 @@ class PretrainedBackboneFamily(ModelFamily):
         return {"name": name, "backbone": backbone, "kwargs": kwargs}
 
     def build(self, arch: dict) -> nn.Module:
+        from .timm_models import check_timm_name
+        check_timm_name(arch["backbone"])
         return TransferModel(arch["backbone"], **arch["kwargs"])
 
     def load_weights(self, model, arch, model_cfg=None, reporter=None) -> None:
