@@ -8,17 +8,17 @@ anywhere, and nothing from the training code is imported."""
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_weights
 from torch import nn
 
+from .atomic_write import replace_atomically, write_text_atomically
 from .artifact_schema import FORMAT, Metadata, read_metadata
 from .data.transforms import Preprocess
 from .errors import UserError, first_line
@@ -58,21 +58,13 @@ def library_versions() -> dict:
             "timm": installed("timm"), "python": platform.python_version()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save(artifact: Artifact, folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in artifact.model.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    _atomic_write_text(folder / META_FILE, json.dumps(artifact.metadata(), indent=2))
+    # each file replaced whole: a full disk leaves one line and no temporary file filling it
+    replace_atomically(folder / WEIGHTS_FILE, lambda f: f.write(save_weights(state, metadata={"format": FORMAT})))
+    write_text_atomically(folder / META_FILE, json.dumps(artifact.metadata(), indent=2))
     return folder
 
 

@@ -6,13 +6,13 @@ command line fails early with one line naming the field, never deep inside train
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .atomic_write import write_text_atomically
 from .errors import ConfigError
 
 
@@ -216,13 +216,7 @@ class RunConfig:
     def save_yaml(self, path: Path) -> None:
         """Written beside and renamed over `path`: a run's config.yaml (what --resume reads) is
         never left half-written by a full disk or a kill."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomically(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load_yaml(cls, path: Path) -> "RunConfig":

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -190,7 +191,7 @@ def test_resume_on_other_classes_or_another_model_leaves_the_run_as_it_was(tmp_p
 # -- case 4: a full disk ------------------------------------------------------------------------
 
 class _FullDisk:
-    """`open` for pixclass.train.checkpoint on a disk with room for `files` more files: the next
+    """`open` for pixclass.atomic_write (every file replaced whole) on a disk with room for `files` more files: the next
     file's writes fail with ENOSPC after `room` bytes, as a real full disk's do (torch then reports
     its own RuntimeError about stream positions)."""
 
@@ -233,12 +234,12 @@ def _checkpoint_every_step(data: Path, config: Path, epochs: int) -> Path:
 
 
 def test_full_disk_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    from pixclass.train import checkpoint
+    from pixclass import atomic_write
     data = make_shapes(tmp_path / "shapes", per_class=6)
     config = _checkpoint_every_step(data, tmp_path / "c.yaml", epochs=3)
     run = tmp_path / "run"
     # room for four more files (the first steps' checkpoints), then the disk is full
-    monkeypatch.setattr(checkpoint, "open", _FullDisk(files=4), raising=False)
+    monkeypatch.setattr(atomic_write, "open", _FullDisk(files=4), raising=False)
     code, err = _cli(capsys, "train", "--config", config, "--out", run, "-q")
     monkeypatch.undo()
     line = _one_error_line(err)
@@ -253,6 +254,21 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
     code, err = _cli(capsys, "train", "--resume", run, "-q")  # once there is room again
     assert code == 0, err
     assert (run / "model" / "model.safetensors").is_file() and not (run / "failed.txt").exists()
+
+
+def test_saving_a_model_on_a_full_disk_keeps_the_previous_one(trained_run, tmp_path, monkeypatch):
+    from pixclass import artifact, atomic_write
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run["model_dir"], folder)
+    before = _checksums(folder)
+    art = artifact.load(folder)
+    monkeypatch.setattr(atomic_write, "open", _FullDisk(files=0), raising=False)
+    with pytest.raises(atomic_write.FileWriteError) as error:
+        artifact.save(art, folder)
+    monkeypatch.undo()
+    assert str(error.value).startswith("no space left on device while writing") and "\n" not in str(error.value)
+    assert _checksums(folder) == before  # no temporary file left, the model as it was
+    artifact.load(folder)
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:

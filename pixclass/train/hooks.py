@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import replace_atomically, save_checkpoint
+from ..atomic_write import write_text_atomically
+from .checkpoint import save_checkpoint
 
 HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                   "epoch_s", "images_per_s", "elapsed_s"]
@@ -28,7 +29,7 @@ def write_history(history: list[dict], path: Path) -> None:
     writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    replace_atomically(path, lambda f: f.write(text.getvalue().encode()))
+    write_text_atomically(path, text.getvalue())
 
 
 class HistoryFile:

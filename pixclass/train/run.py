@@ -20,6 +20,7 @@ from ..data.dataset import PreparedData, prepare_data, report_skipped
 from ..data.decode import set_max_pixels
 from ..data.scan import scan_dataset
 from ..data.transforms import Preprocess
+from ..atomic_write import FileWriteError, describe_os_error
 from ..errors import UserError, first_line
 from ..evaluate import write_evaluation
 from ..metrics import absent_classes_note, classification_metrics
@@ -29,7 +30,7 @@ from ..progress import Reporter
 from ..report import write_report
 from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
-from .checkpoint import RunFolderWriteError, describe_os_error, load_checkpoint
+from .checkpoint import load_checkpoint
 from .recipes import FitResult, Job, choose_recipe
 
 FAILED_FILE = "failed.txt"  # in the folder of a run that stopped before it finished: why, and what next
@@ -168,7 +169,7 @@ def _record_stop(error: BaseException, run_dir: Path, recipe) -> UserError | Non
     its checkpoints belong to, which is what --resume continues) and says so in failed.txt.
     Returns the error to raise in place of `error` (one line, with how to continue), or None."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        error = RunFolderWriteError(f"{describe_os_error(error)} while writing the run folder {run_dir}")
+        error = FileWriteError(f"{describe_os_error(error)} while writing the run folder {run_dir}")
     message = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else first_line(error)
     if recipe.resumable and (run_dir / "checkpoints" / "last.pt").is_file():
         how = f"continue it with: pixclass train --resume {run_dir}"
@@ -178,8 +179,8 @@ def _record_stop(error: BaseException, run_dir: Path, recipe) -> UserError | Non
         (run_dir / FAILED_FILE).write_text(f"this run stopped before it finished: {message}\n{how}\n")
     except OSError:
         pass
-    if isinstance(error, RunFolderWriteError):
-        return RunFolderWriteError(f"{message}; {how}")
+    if isinstance(error, FileWriteError):
+        return FileWriteError(f"{message}; {how}")
     return None
 
 
