@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import yaml
+
 from .config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import UserError
 from .progress import Reporter, console
 
 
@@ -16,14 +20,15 @@ def run_demo(out: Path, epochs: int = 15, quiet: bool = False) -> dict:
 
     reporter = Reporter(quiet)
     out = Path(out)
+    if out.exists() and not _is_earlier_demo_run(out, out.parent / f"{out.name}-digits"):
+        raise UserError(f"--out {out} exists and is not an earlier demo run; give a new folder")
     data_dir = write_digits(out.parent / f"{out.name}-digits")
     reporter.info(f"wrote scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) to {data_dir}")
     # Digits must not be mirrored or turned far, so the demo trains without augmentation; the
     # 8x8 images are enlarged to 32x32, the smallest size the classic CNN's three conv blocks accept.
     cfg = RunConfig(data=DataConfig(path=str(data_dir), image_size=32, channels=1), model=ModelConfig(name="classic-cnn"),
                     augment=AugmentConfig(policy="none"), train=TrainConfig(epochs=epochs, batch_size=32, seed=0))
-    if out.exists():
-        import shutil
+    if out.exists():  # an earlier demo run (checked above): the demo replaces its own
         shutil.rmtree(out)
     summary = run_training(cfg, out=out, reporter=reporter)
     m = summary["metrics"]
@@ -42,3 +47,12 @@ def run_demo(out: Path, epochs: int = 15, quiet: bool = False) -> dict:
         console.print(f"  {r['path']}: {best['class']} ({best['probability']:.3f}), true class {truth}", markup=False)
     console.print(f"try: pixclass predict {summary['model_dir']} {data_dir}/5", markup=False)
     return summary
+
+
+def _is_earlier_demo_run(out: Path, data_dir: Path) -> bool:
+    """Whether `out` is a run folder the demo wrote: its config.yaml trained on the demo's digits."""
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        return Path(config["data"]["path"]).resolve() == Path(data_dir).resolve()
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return False
