@@ -19,6 +19,7 @@ class SizeProbe:
     median_side: int | None  # median of max(width, height) over the sample; None: no header read
     sampled: int  # headers read
     train_images: int  # image files in the training class folders (for a memory estimate)
+    split_folders: tuple[str, ...] = ()  # the splits given as folders ("train", "val", "test"), if any
 
 
 def _class_images(folder: Path) -> list[Path]:
@@ -36,7 +37,8 @@ def probe_image_sizes(root, sample: int = 200) -> SizeProbe:
     folders gives an empty probe: the scan that follows names the problem."""
     root = Path(root).expanduser()
     try:
-        folder = split_folders(root).get("train", root) if root.is_dir() else None
+        splits = split_folders(root) if root.is_dir() else {}
+        folder = splits.get("train", root) if root.is_dir() else None
         classes = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d)) if folder else []
         per_class = [_class_images(d) for d in classes]
     except OSError:
@@ -52,6 +54,6 @@ def probe_image_sizes(root, sample: int = 200) -> SizeProbe:
                 continue
     total = sum(len(files) for files in per_class)
     if not sides:
-        return SizeProbe(None, 0, total)
+        return SizeProbe(None, 0, total, tuple(splits))
     sides.sort()
-    return SizeProbe(sides[len(sides) // 2], len(sides), total)
+    return SizeProbe(sides[len(sides) // 2], len(sides), total, tuple(splits))
