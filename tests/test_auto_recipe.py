@@ -2,8 +2,8 @@
 recipe (small images) and transfer learning; the choice and its reason are recorded and shown."""
 
 import yaml
-
 from conftest import make_shapes, run_cli
+
 from pixclass.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pixclass.data.probe import probe_image_sizes
 from pixclass.train.distributed import Dist
