@@ -87,8 +87,9 @@ DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains on all but small imag
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "auto": DEFAULT_MODEL, or the fast recipe's own network when the recipe is (or "auto" chooses) "fast"; "classic-cnn"
-    # (alias "seed-cnn"): the classic small CNN from scratch; "airbench"; or any timm architecture name
+    # "auto": DEFAULT_MODEL, or the fast recipe's own network when the recipe is (or "auto" chooses)
+    # "fast"; "classic-cnn" (alias "seed-cnn"): the classic small CNN from scratch; "airbench"; or
+    # any timm architecture name
     name: str = "auto"
     # classic-cnn only; ignored by other models
     filters: tuple[int, ...] = (32, 64, 128)

@@ -159,7 +159,8 @@ def _recipe_for_sizes(cfg: RunConfig, dist):
     if side > SMALL_IMAGE_SIDE:
         return "transfer", f"{seen}: {transfer}", probe
     if dist is not None and dist.enabled:
-        return "transfer", f"{seen}, but under {dist.world} processes (the fast recipe trains in one): {transfer}", probe
+        why = f"{seen}, but under {dist.world} processes (the fast recipe trains in one): {transfer}"
+        return "transfer", why, probe
     device = choose_device(cfg.train.device, dist)
     if device.type != "cpu":
         return "transfer", f"{seen}, but on {device.type} (the fast recipe runs on the CPU only): {transfer}", probe
