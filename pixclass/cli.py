@@ -80,6 +80,10 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
                       split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"),
                       max_pixels=overrides.pop("max_pixels"))
     cfg = cfg.replace("augment", policy=overrides.pop("augment"))
+    if overrides["model"] is not None or overrides["recipe"] is not None:  # named now, not chosen from the images
+        if overrides["recipe"] is None and cfg.train.recipe_reason:  # the model named picks its own recipe
+            cfg = cfg.replace("train", recipe="auto")
+        cfg = cfg.replace("train", recipe_reason="")
     cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"),
                       pretrained=overrides.pop("pretrained"), weights=overrides.pop("weights"))
     return cfg.replace("train", **overrides)

@@ -82,13 +82,14 @@ class DataConfig:
         _check(self.max_memory_gb > 0, "max_memory_gb must be > 0")
 
 
-DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains: pretrained offline, fine-tuned
+DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains on all but small images: pretrained offline, fine-tuned
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # "auto": DEFAULT_MODEL, or the fast recipe's own network with recipe "fast"; "classic-cnn"
-    # (alias "seed-cnn"): the classic small CNN from scratch; "airbench"; or any timm architecture name
+    # "auto": DEFAULT_MODEL, or the fast recipe's own network when the recipe is (or "auto" chooses)
+    # "fast"; "classic-cnn" (alias "seed-cnn"): the classic small CNN from scratch; "airbench"; or
+    # any timm architecture name
     name: str = "auto"
     # classic-cnn only; ignored by other models
     filters: tuple[int, ...] = (32, 64, 128)
@@ -130,9 +131,13 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     checkpoint_interval: float = 10.0  # seconds between checkpoints (also mid-epoch); 0: after every step
-    # "auto": the model family's own (transfer for pretrained backbones, fast for airbench, scratch
-    # otherwise); or "scratch", "transfer", "fast" (airbench-style training for small images)
+    # "auto": with model "auto", chosen from the images (fast for small ones, else transfer; see
+    # recipes.choose_recipe); with a model named, its family's own (transfer for pretrained
+    # backbones, fast for airbench, scratch otherwise). Or "scratch", "transfer", "fast"
     recipe: str = "auto"
+    # why "auto" chose the recipe and model it did (from the images' size), written into the run's
+    # config.yaml for the record; empty when they were named
+    recipe_reason: str = ""
     # "auto": mixed precision on GPUs (bf16 where supported, else fp16 with loss scaling); on a CPU
     # float32, except the fast recipe's bf16 where the CPU has AVX-512 BF16. Or "fp32", "bf16", "fp16"
     precision: str = "auto"
@@ -165,6 +170,7 @@ class TrainConfig:
         _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
+        _check(isinstance(self.recipe_reason, str), "recipe_reason must be a string")
         _check_choice("recipe", self.recipe, ("auto", "standard", "scratch", "transfer", "fast"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.device in ("auto", "cpu", "mps") or self.device == "cuda" or

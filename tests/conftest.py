@@ -29,12 +29,13 @@ def draw_shape(kind: str, rng: random.Random, size: int = 40) -> Image.Image:
     return img
 
 
-def make_shapes(root: Path, per_class: int = 30, seed: int = 0, classes=SHAPES, fmt: str = "png") -> Path:
+def make_shapes(root: Path, per_class: int = 30, seed: int = 0, classes=SHAPES, fmt: str = "png",
+                size: int = 40) -> Path:
     rng = random.Random(seed)
     for kind in classes:
         (root / kind).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            draw_shape(kind, rng).save(root / kind / f"{kind}_{i:03d}.{fmt}")
+            draw_shape(kind, rng, size).save(root / kind / f"{kind}_{i:03d}.{fmt}")
     return root
 
 

@@ -30,9 +30,9 @@ def test_summary_before_training_needs_a_size():
 
 
 def test_the_api_trains_what_the_command_line_trains(tmp_path):
-    """Defaults on both sides (the pretrained EfficientNet-Lite0, fine-tuned): same architecture,
-    same preprocessing, the same answers on the test split."""
-    shapes = make_shapes(tmp_path / "shapes", per_class=20)
+    """Defaults on both sides (for images of 96 px, the pretrained EfficientNet-Lite0, fine-tuned):
+    same architecture, same preprocessing, the same answers on the test split."""
+    shapes = make_shapes(tmp_path / "shapes", per_class=20, size=96)
     proc = run_cli("train", shapes, "--out", tmp_path / "cli", "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     cli_summary = json.loads(proc.stdout)

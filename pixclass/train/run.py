@@ -45,8 +45,11 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
                  reporter: Reporter | None = None) -> dict:
     """Train as `cfg` says; returns the run's summary (on ranks other than 0: {"rank": N})."""
     dist = distributed.from_env()
-    cfg, family, recipe = choose_recipe(cfg)
     reporter = reporter or Reporter()
+    chosen_here = not cfg.train.recipe_reason  # a reason already there came with a --config or --resume
+    cfg, family, recipe = choose_recipe(cfg, dist)
+    if chosen_here and cfg.train.recipe_reason and dist.main:
+        reporter.info(cfg.train.recipe_reason)
     if dist.enabled and not recipe.distributed:
         if not dist.main:  # before any work or process group: rank 0 trains alone
             return {"rank": dist.rank, "epochs_run": 0}

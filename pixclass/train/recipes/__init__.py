@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ...config import RunConfig
+from ...config import DataConfig, RunConfig
 from ...errors import UserError
 
 RECIPE_MODULES = {"scratch": "scratch", "transfer": "transfer", "fast": "fast"}
@@ -99,14 +99,21 @@ def held_out_split(splits: dict) -> tuple[str, object] | tuple[None, None]:
     return None, None
 
 
-def choose_recipe(cfg: RunConfig):
-    """(cfg with the model and recipe resolved, the model's family, the recipe). Without a recipe
-    named, the model's family picks it; "auto" as model is DEFAULT_MODEL. The resolved names go
-    into config.yaml, so `--config` reruns the same recipe."""
-    from ...config import DEFAULT_MODEL
+# "auto" trains the fast from-scratch recipe on images whose median side is at most this many
+# pixels: pretrained backbones want ~224 px and only see upsampled blur in smaller images
+SMALL_IMAGE_SIDE = 64
+
+
+def choose_recipe(cfg: RunConfig, dist=None):
+    """(cfg with the model and recipe resolved, the model's family, the recipe). With neither named
+    the images decide (`recipe_for_data`); with a model named and no recipe, the model's family
+    picks it; "auto" as model is the recipe's own network (DEFAULT_MODEL for transfer). The
+    resolved names go into config.yaml, so `--config` reruns the same recipe."""
     from ...models.registry import family_for
+    if cfg.train.recipe in ("auto", "standard") and cfg.model.name == "auto":
+        cfg = recipe_for_data(cfg, dist)
     if cfg.train.recipe in ("auto", "standard"):  # "standard": the name configs of pixclass 0.1 used
-        name = DEFAULT_MODEL if cfg.model.name == "auto" else cfg.model.name
+        name = cfg.model.name
         family = family_for(name, cfg.model)
         recipe = get_recipe(family.default_recipe(name, cfg.model))
     else:
@@ -116,3 +123,50 @@ def choose_recipe(cfg: RunConfig):
     cfg = cfg.replace("model", name=family.canonical(name)).replace("train", recipe=recipe.name)
     recipe.check(cfg, family)
     return cfg, family, recipe
+
+
+def recipe_for_data(cfg: RunConfig, dist=None) -> RunConfig:
+    """`cfg` with the recipe ("fast" or "transfer") and the reason for it (`recipe_reason`) chosen
+    from the median side of a sample of the training images' headers: the fast recipe for small
+    images, transfer learning otherwise. With the fast recipe, a dataset given as train/ and test/
+    folders trains on all of train/ (at the default split): the recipe selects nothing on a
+    validation split, so carving one out of train/ would only cost training images."""
+    recipe, reason, probe = _recipe_for_sizes(cfg, dist)
+    cfg = cfg.replace("train", recipe=recipe, recipe_reason=reason)
+    if (recipe == "fast" and "test" in probe.split_folders and "val" not in probe.split_folders
+            and cfg.data.split == DataConfig().split):
+        cfg = cfg.replace("data", split=(1.0, 0.0, 0.0)).replace(
+            "train", recipe_reason=reason + ", on all of train/ (test/ judges it)")
+    return cfg
+
+
+def _recipe_for_sizes(cfg: RunConfig, dist):
+    """(recipe, why, the probe). The fast recipe trains in one process on the CPU with the
+    training images in memory; where a GPU or several processes are there to be used, or the
+    images do not fit, fine-tuning the pretrained network (which uses them, and streams) is the
+    better default, and the reason says so."""
+    from ...config import DEFAULT_MODEL
+    from ...data.loaders import fits_in_memory
+    from ...data.probe import probe_image_sizes
+    from ...data.transforms import Preprocess
+    from ..distributed import choose_device
+    probe = probe_image_sizes(cfg.data.path)
+    side = probe.median_side
+    transfer = f"transfer learning from {DEFAULT_MODEL}"
+    if side is None:  # nothing readable: the scan or decoding says why
+        return "transfer", "", probe
+    seen = f"images are {side} px (median side of {probe.sampled} sampled)"
+    if side > SMALL_IMAGE_SIDE:
+        return "transfer", f"{seen}: {transfer}", probe
+    if dist is not None and dist.enabled:
+        why = f"{seen}, but under {dist.world} processes (the fast recipe trains in one): {transfer}"
+        return "transfer", why, probe
+    device = choose_device(cfg.train.device, dist)
+    if device.type != "cpu":
+        return "transfer", f"{seen}, but on {device.type} (the fast recipe runs on the CPU only): {transfer}", probe
+    pre = Preprocess(size=cfg.data.image_size or max(32, side), channels=cfg.data.channels,
+                     mean=(0.5,) * cfg.data.channels, std=(0.5,) * cfg.data.channels)
+    if not fits_in_memory(probe.train_images, pre, cfg.data.max_memory_gb):
+        return "transfer", (f"{seen}, but {probe.train_images} do not fit in data.max_memory_gb "
+                            f"{cfg.data.max_memory_gb}, where the fast recipe keeps them: {transfer}"), probe
+    return "fast", f"{seen}: fast from-scratch recipe (airbench)", probe
