@@ -107,3 +107,14 @@ def test_files_without_an_image_extension_are_listed_not_silently_dropped(tmp_pa
     from pixclass.data.scan import ignored_files_note
     note = ignored_files_note(ds.ignored)
     assert note.startswith("ignored 2 file(s) without an image extension (.heic 1, no extension 1")
+
+
+def test_a_dataset_of_only_unread_extensions_names_them(tmp_path):
+    image = (make_shapes(tmp_path / "d", per_class=1) / "circle" / "circle_000.png").read_bytes()
+    for cls in ("a", "b"):
+        (tmp_path / "heic" / cls).mkdir(parents=True)
+        (tmp_path / "heic" / cls / "photo.heic").write_bytes(image)
+    with pytest.raises(DatasetError) as error:
+        scan_dataset(tmp_path / "heic")
+    assert "no images found" in str(error.value) and "ignored 2 file(s) without an image extension (.heic 2" in str(error.value)
+

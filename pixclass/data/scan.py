@@ -132,11 +132,13 @@ def _check_root(root: Path) -> None:
         raise DatasetError(f"dataset path is not a folder: {root}")
 
 
-def _check_classes(per_class: dict[str, list[Path]], where: Path) -> list[str]:
+def _check_classes(per_class: dict[str, list[Path]], where: Path, ignored: list[Path]) -> list[str]:
     """Raise on an unusable set of classes; drop (and return the names of) empty class folders."""
     if not per_class:
         raise DatasetError(f"no class folders found in {where} (expected one subfolder per class)")
     if sum(len(v) for v in per_class.values()) == 0:
+        if ignored:  # say what was there, so the user can rename it
+            raise DatasetError(f"no images found in {where}: {ignored_files_note(ignored)}")
         raise DatasetError(f"no images found in {where} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     empty = [c for c, files in per_class.items() if not files]
     for c in empty:
@@ -197,7 +199,7 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
         return _scan_split_folders(root, split_dirs, fractions, seed)
     ignored: list[Path] = []
     per_class = scan_class_folders(root, ignored)
-    empty = _check_classes(per_class, root)
+    empty = _check_classes(per_class, root, ignored)
     previous = read_manifest(manifest, root) if manifest else {}
     fresh = {label: [p for p in files if p not in previous] for label, files in per_class.items()}
     assignment = stratified_split(fresh, fractions, seed) if not previous else {
@@ -210,7 +212,7 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
 def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed) -> ScannedDataset:
     ignored: list[Path] = []
     train = scan_class_folders(split_dirs["train"], ignored)
-    empty = _check_classes(train, split_dirs["train"])
+    empty = _check_classes(train, split_dirs["train"], ignored)
     classes = sorted(train)
     samples: list[Sample] = []
     if "val" in split_dirs or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
