@@ -116,5 +116,6 @@ def test_a_dataset_of_only_unread_extensions_names_them(tmp_path):
         (tmp_path / "heic" / cls / "photo.heic").write_bytes(image)
     with pytest.raises(DatasetError) as error:
         scan_dataset(tmp_path / "heic")
-    assert "no images found" in str(error.value) and "ignored 2 file(s) without an image extension (.heic 2" in str(error.value)
+    message = str(error.value)
+    assert "no images found" in message and "ignored 2 file(s) without an image extension (.heic 2" in message
 
