@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
+from .runs import check_output_location
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, evaluate and use image classifiers from folders of images.")
@@ -23,23 +24,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _print_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
-
-
-def _check_output_folder(out: Optional[Path], option: str = "--out") -> None:
-    """Refuse, before any expensive work, an output folder that cannot be made: a path naming an
-    existing file, or one below a file or in a folder this user cannot write to."""
-    if out is None:
-        return
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{option} {out} is an existing file; give a folder")
-    nearest = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
-    if nearest is None:  # nothing of the path exists, not even the root: let the write say why
-        return
-    if not nearest.is_dir():
-        raise UserError(f"{option} {out}: {nearest} is a file, not a folder")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {out}: cannot write in {nearest} (read-only or no permission)")
 
 
 def _image_files(inputs) -> list[Path]:
@@ -201,7 +185,7 @@ def evaluate(
     from .progress import Reporter
     from .runs import new_run_dir
 
-    _check_output_folder(out)
+    check_output_location(out)
     reporter = Reporter(quiet)
     art = artifact_io.load(model)
     metrics, probs, labels, paths = evaluate_folder(art, data, model_dir=model, reporter=reporter)
@@ -345,7 +329,7 @@ def explain(
     from .explain import explain_files
     from .progress import Reporter, console
 
-    _check_output_folder(out)
+    check_output_location(out)
     art = artifact_io.load(model)
     files = _image_files(images)
     written = explain_files(art, files, out, method, layer, class_name, top_k, reporter=Reporter(quiet))
@@ -367,7 +351,7 @@ def filters(
     from .plots import save
     from .progress import console
 
-    _check_output_folder(out)
+    check_output_location(out)
     art = artifact_io.load(model)
     out.mkdir(parents=True, exist_ok=True)
     _, fig = filter_grid(art.model, layer)
@@ -467,9 +451,9 @@ def audit(
 
     if fix not in (None, "quarantine"):
         raise UserError(f"--fix must be 'quarantine' (got {fix!r})")
-    _check_output_folder(out)
+    check_output_location(out)
     if fix is not None:
-        _check_output_folder(quarantine_dir, "--quarantine-dir")
+        check_output_location(quarantine_dir, "--quarantine-dir")
     report = run_audit(data, min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
     out = out or new_run_dir(f"audit-{Path(data).resolve().name}")
     out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from .data.scan import collect_image_paths
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError, first_line
 from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend, litert_sidecar
+from .runs import check_output_location
 
 OPSET = 17
 THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
@@ -242,6 +243,7 @@ def _ort_web_tarball() -> Path:
     """onnxruntime-web from the npm registry, fetched once with `npm pack` and kept in the cache."""
     import shutil
     import subprocess
+
     from .cache import cache_root
     folder = cache_root() / "npm"
     tarball = folder / f"onnxruntime-web-{ORT_WEB_VERSION}.tgz"
@@ -391,7 +393,6 @@ def check_destination(fmt: str, out: Path, model_dir: Path) -> None:
     """Refuse, before any work, an --out that would replace the model folder or one of its files,
     overwrite a file that is not an earlier export, or cannot be written."""
     import os
-    import tempfile
     model_dir = Path(model_dir).resolve()
     own_files = [f for f in (model_dir / artifact_io.WEIGHTS_FILE, model_dir / artifact_io.META_FILE) if f.is_file()]
     for path in _written_paths(fmt, out):
@@ -403,15 +404,7 @@ def check_destination(fmt: str, out: Path, model_dir: Path) -> None:
         if (path.exists() or path.is_symlink()) and not _is_earlier_export(fmt, path):
             raise UserError(f"--out {out}: {path} already exists and is not an earlier export; "
                             "remove it or choose another name")
-    folder = out if fmt == "webapp" and out.is_dir() else out.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"--out {out}: {folder} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write in {folder} ({e.strerror or first_line(e)})") from None
+    check_output_location(out, folder=out if fmt == "webapp" and out.is_dir() else out.parent)
 
 
 def _set_aside(out: Path) -> Path:

@@ -15,6 +15,26 @@ from pathlib import Path
 
 from .errors import UserError
 
+
+def check_output_location(out: Path | None, option: str = "--out", folder: Path | None = None) -> None:
+    """Refuse, before any expensive work, an output that cannot be written: `out` naming an existing
+    file, or below a file, or in a folder this user cannot write to. `folder`: where `out` goes
+    when it is a file (its parent); by default `out` is itself the folder to create."""
+    if out is None:
+        return
+    out = Path(out).expanduser()
+    if folder is None and out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is an existing file; give a folder")
+    start = out if folder is None else Path(folder)
+    nearest = next((p for p in (start, *start.absolute().parents) if p.exists()), None)
+    if nearest is None:  # nothing of the path exists, not even the root: let the write say why
+        return
+    if not nearest.is_dir():
+        raise UserError(f"{option} {out}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write in {nearest} (read-only or no permission)")
+
+
 CLAIM_FILE = "config.yaml"  # a training run's folder belongs to the process that created this file
 
 
