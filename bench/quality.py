@@ -362,9 +362,9 @@ def main() -> None:
     tables = [header, "Ratios are against the peer's best epoch (errors: pixclass's error rate / the peer's).", ""]
     tables += [markdown_table(name, info, args.budgets) + "\n" for name, info in document["datasets"].items()]
     markdown = "\n".join(tables)
-    print("=" * 80 + "\n" + markdown)
-    if args.markdown:
+    if args.markdown:  # the file first: it is what is kept if printing the tables fails
         args.markdown.write_text(markdown)
+    print("=" * 80 + "\n" + markdown)
 
 
 if __name__ == "__main__":
