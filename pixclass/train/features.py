@@ -13,7 +13,7 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,21 @@ class FrozenPart(nn.Module):
     def forward(self, x):
         f = self.model.features_until(self.cut, x)
         return self.model.pooled(f) if self.full else f
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    mirror: bool = True  # what keys a mirrored view in the cache (see extract_features' aug_tag)
+
+
+class Mirror:
+    """The "augmentation" of the mirrored view that test-time augmentation averages with the
+    image: every image flipped left-right, whatever the generator."""
+
+    cfg = MirrorConfig()
+
+    def __call__(self, x: torch.Tensor, g=None) -> torch.Tensor:
+        return x.flip(-1)
 
 
 class FeatureInputs:

