@@ -1,5 +1,6 @@
 """The model artifact: a folder with `model.safetensors` (weights) and `pixclass.json`
-(architecture and its arguments, class names, preprocessing, training config, metrics, versions).
+(architecture and its arguments, class names, preprocessing, test-time augmentation, training
+config, metrics, versions).
 
 Loading checks the JSON against its schema (artifact_schema.py) and the weights' shapes against
 the network it describes, then rebuilds the network and fills it from safetensors: no pickle
@@ -22,6 +23,7 @@ from .atomic_write import replace_atomically, write_text_atomically
 from .artifact_schema import FORMAT, Metadata, read_metadata
 from .data.transforms import Preprocess
 from .errors import UserError, first_line
+from .tta import TTA_MODES
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "pixclass.json"
 
@@ -35,11 +37,16 @@ class Artifact:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    tta: str = "none"  # the test-time augmentation every backend and export applies (tta.py)
+
+    def __post_init__(self):
+        if self.tta not in TTA_MODES:  # a recipe's mistake: caught here, not in a file no loader accepts
+            raise ValueError(f"unknown test-time augmentation {self.tta!r} (one of {', '.join(TTA_MODES)})")
 
     def metadata(self) -> dict:
         return {"format": FORMAT, "arch": self.arch, "classes": list(self.classes),
-                "preprocess": self.preprocess.to_dict(), "config": self.config, "metrics": self.metrics,
-                "versions": self.versions or library_versions()}
+                "preprocess": self.preprocess.to_dict(), "tta": self.tta, "config": self.config,
+                "metrics": self.metrics, "versions": self.versions or library_versions()}
 
 
 def library_versions() -> dict:
@@ -100,7 +107,8 @@ def load(folder) -> Artifact:
     preprocess = Preprocess.from_dict(meta.spec.preprocess.model_dump())
     _check_answers_one_score_per_class(model, preprocess, len(meta.spec.classes), meta_path)
     return Artifact(model=model, arch=meta.arch, classes=list(meta.spec.classes), preprocess=preprocess,
-                    config=meta.spec.config, metrics=meta.spec.metrics, versions=meta.spec.versions)
+                    config=meta.spec.config, metrics=meta.spec.metrics, versions=meta.spec.versions,
+                    tta=meta.spec.tta)
 
 
 def _build(meta: Metadata, meta_path: Path, device: str) -> nn.Module:

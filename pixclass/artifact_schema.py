@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationEr
 
 from .errors import UserError, first_line
 from .models.registry import MAX_CLASSES, ArchKwargs, ImageSize, ModelFamily, family_of
+from .tta import TTA_MODES
 
 FORMAT = "pixclass-artifact/1"
 # the JSON a run writes is a few kB (most of it the training config); far beyond that is not one
@@ -82,6 +83,8 @@ class ArtifactSpec(_Strict):
     arch: ArchSpec
     classes: Annotated[list[ClassName], Field(min_length=1, max_length=MAX_CLASSES)]
     preprocess: PreprocessSpec
+    # absent in the artifacts written before test-time augmentation existed: they mean "none"
+    tta: Literal[TTA_MODES] = "none"
     config: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     versions: dict[str, Any] = {}

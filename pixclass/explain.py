@@ -18,6 +18,7 @@ from .data.decode import decode_image
 from .data.transforms import batch_to_input, image_to_uint8
 from .errors import UserError
 from .inference import softmax_probabilities
+from .tta import probabilities as tta_probabilities
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")
 
@@ -61,12 +62,13 @@ class GradCAM:
     def release(self) -> None:
         self._hook.remove()
 
-    def __call__(self, x: torch.Tensor, class_index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Image batch -> (heatmaps N x H x W in [0, 1], probabilities N x K)."""
+    def __call__(self, x: torch.Tensor, class_index=None) -> tuple[np.ndarray, np.ndarray]:
+        """Image batch -> (heatmaps N x H x W in [0, 1], probabilities N x K). `class_index`: the
+        class to explain, one for all images or one per image; by default each image's top class."""
         with torch.enable_grad():
             logits = self.model(x).float()
             activations, self._activations = self._activations, None
-            targets = logits.argmax(1) if class_index is None else torch.full((len(x),), class_index)
+            targets = logits.argmax(1) if class_index is None else torch.as_tensor(class_index).expand(len(x))
             score = logits.gather(1, targets[:, None]).sum()
             (grads,) = torch.autograd.grad(score, activations)
         with torch.no_grad():
@@ -116,20 +118,32 @@ class Explainer:
 
     def heatmaps(self, images: list, class_index: int | None = None):
         """PIL images (or paths/bytes) -> (heatmaps N x H x W in [0, 1], probabilities N x K,
-        uint8 inputs N x C x H x W as the model saw them)."""
+        uint8 inputs N x C x H x W as the model saw them). The probabilities are the ones predict
+        and the service give, the artifact's test-time augmentation included; the maps are of the
+        plain network on the image as it is (a map of the mirrored view would be of another
+        picture), for the class those probabilities rank first unless `class_index` names one."""
         pre = self.art.preprocess
         batch = torch.stack([image_to_uint8(img if hasattr(img, "mode") else decode_image(img, pre.channels), pre)
                              for img in images])
         if isinstance(self.cam, GradCAM):  # channels_last: PyTorch's CPU convolutions are ~1.5x faster in it
-            maps, probs = self.cam(batch_to_input(batch, pre), class_index)
+            x = batch_to_input(batch, pre)
+            if self.art.tta == "none":  # the CAM's own forward pass gives the probabilities
+                maps, probs = self.cam(x, class_index)
+                return maps, probs, batch
+            probs = self._probabilities(x)
+            maps, _ = self.cam(x, class_index if class_index is not None else probs.argmax(1))
             return maps, probs, batch
         x = batch_to_input(batch, pre, memory_format=torch.contiguous_format)
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-        with torch.no_grad():  # the CAM library runs its own forward passes; this one is for the probabilities
-            probs = softmax_probabilities(self.model(x))
+        probs = self._probabilities(x)  # the CAM library runs its own forward passes
         targets = [ClassifierOutputTarget(class_index if class_index is not None else int(p.argmax())) for p in probs]
         maps = self.cam(input_tensor=x, targets=targets)
         return np.asarray(maps, dtype=np.float32), probs, batch
+
+    def _probabilities(self, x: torch.Tensor) -> np.ndarray:
+        # a forward pass outside the CAM's: the hooks it fires keep nothing past the CAM's next call
+        with torch.no_grad():
+            return tta_probabilities(self.model, x, self.art.tta).numpy()
 
 
 def overlay(image_uint8_chw: torch.Tensor, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

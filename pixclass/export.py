@@ -32,14 +32,15 @@ THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
 
 
 def metadata(art) -> dict[str, str]:
+    # pixclass_tta says what the graph already does (Probabilities): nothing reads it to apply it again
     return {"pixclass_classes": json.dumps(art.classes), "pixclass_preprocess": json.dumps(art.preprocess.to_dict()),
-            "pixclass_arch": json.dumps(art.arch)}
+            "pixclass_arch": json.dumps(art.arch), "pixclass_tta": art.tta}
 
 
 def export_onnx(art, path: Path) -> Path:
     import onnx
     pre = art.preprocess
-    model = Probabilities(art.model.eval())
+    model = Probabilities(art.model.eval(), art.tta)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
                       output_names=["probabilities"],
@@ -325,7 +326,8 @@ def export(model_dir: Path, fmt: str = "onnx", int8: bool = False, out: Path | N
                           f"agreement by {1 / len(verifying.inputs):.3f}; --data DIR can give more")
     calib = _inputs(calibration, art.preprocess)[0] if int8 else None
     exported = _write_and_open(art, fmt, out, calib, reporter)
-    # the reference backend is made after the export: it reorders the weights' memory in place
+    # the reference backend is made after the export: it reorders the weights' memory in place. It
+    # applies the artifact's test-time augmentation, as the exported graph does
     reference = TorchBackend.from_artifact(art)
     name = "webapp (onnx fp32)" if fmt == "webapp" else f"{fmt} {kind}"
     result = verify(reference, exported, out, name, verifying.inputs, verifying.labels,

@@ -7,7 +7,9 @@ for a standardized float batch N x C x H x W, or `probabilities_uint8(batch)` fo
 - `OnnxBackend`: an exported .onnx file, run by ONNX Runtime;
 - `LiteRTBackend`: an exported .tflite file, run by the LiteRT interpreter.
 Validation during training, evaluation, prediction, the service, explanation and the export
-checks all go through here, so they can never disagree on how logits become probabilities.
+checks all go through here, so they can never disagree on how logits become probabilities. The
+artifact's test-time augmentation (tta.py) is part of that: `Probabilities` applies it, and it is
+the network every export writes, so an exported file carries it in its graph.
 
 The heavy runtimes (onnxruntime, ai_edge_litert) are imported by the constructors that need them:
 importing this module costs only torch."""
@@ -23,6 +25,7 @@ from torch import nn
 
 from .data.transforms import Preprocess, batch_to_input
 from .errors import UserError, first_line
+from .tta import probabilities as tta_probabilities
 
 
 def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -32,15 +35,16 @@ def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
 
 
 class Probabilities(nn.Module):
-    """model -> softmax: the network every export writes, so an exported file answers with
-    probabilities, as the backends do."""
+    """model -> probabilities, with the artifact's test-time augmentation (`tta`): the network
+    TorchBackend runs and every export writes, so an exported file answers as the PyTorch model
+    does, augmentation included."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tta: str = "none"):
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta
 
     def forward(self, x):  # N x C x H x W (standardized) -> N x classes (probabilities)
-        return torch.softmax(self.model(x), dim=1)
+        return tta_probabilities(self.model, x, self.tta)
 
 
 def _as_float32_array(x) -> np.ndarray:
@@ -79,18 +83,19 @@ class TorchBackend(Backend):
     name = "torch"
     memory_format = torch.channels_last
 
-    def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess):
+    def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess, tta: str = "none"):
         super().__init__(classes, preprocess)
         self.model = model.eval().to(memory_format=torch.channels_last)
+        self.network = Probabilities(self.model, tta)
 
     @classmethod
     def from_artifact(cls, art) -> "TorchBackend":
-        return cls(art.model, art.classes, art.preprocess)
+        return cls(art.model, art.classes, art.preprocess, art.tta)
 
     def probabilities(self, x) -> np.ndarray:
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         with torch.inference_mode():
-            return softmax_probabilities(self.model(x))
+            return self.network(x).cpu().numpy()
 
 
 class OnnxBackend(Backend):

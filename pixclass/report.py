@@ -107,7 +107,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
 
     s = {}
     info = dict(run_info or {})
-    info.update({"model": art.arch["name"], "classes": len(classes), "input": f"{art.preprocess.channels}x"
+    info.update({"model": art.arch["name"], "test-time augmentation": art.tta, "classes": len(classes), "input": f"{art.preprocess.channels}x"
                  f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{_evaluated_on(metrics)} "
                  f"({metrics['n']} images)"})
     s["summary"] = _table([[k, v] for k, v in info.items()], ["", ""]) + \

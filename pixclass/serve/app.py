@@ -168,7 +168,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def model_info():
         art = state["art"]
         return {"name": art.arch["name"], "version": state["version"], "classes": art.classes,
-                "preprocess": art.preprocess.to_dict(), "metrics": art.metrics, "versions": art.versions}
+                "preprocess": art.preprocess.to_dict(), "tta": art.tta, "metrics": art.metrics,
+                "versions": art.versions}
 
     @app.get("/healthz")
     async def healthz():

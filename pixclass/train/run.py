@@ -211,7 +211,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         if note:
             job.reporter.warn(note)
     art = artifact_io.Artifact(model=job.model, arch=job.arch, classes=data.classes, preprocess=data.preprocess,
-                               config=cfg.to_dict())
+                               config=cfg.to_dict(), tta=result.tta)
     art.metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}
     model_dir = artifact_io.save(art, run_dir / "model")  # before the report: nothing it does can cost the model

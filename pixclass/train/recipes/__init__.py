@@ -34,7 +34,9 @@ class FitResult:
     skipped: list = field(default_factory=list)  # (path, reason) of files that could not be read
     timings: dict = field(default_factory=dict)  # seconds per phase
     metrics: dict = field(default_factory=dict)  # recipe-specific fields for the metrics and report
-    tta: str = "none"  # the test-time augmentation the artifact applies ("none" or "hflip")
+    # the test-time augmentation (tta.TTA_MODES) the saved model is used with; `held_out` must have
+    # been computed with it, so that the run's figure is what `pixclass evaluate` gives
+    tta: str = "none"
 
 
 @dataclass
