@@ -110,3 +110,24 @@ def test_a_resolved_plan_survives_the_config_file(tmp_path):
     cfg.save_yaml(tmp_path / "c.yaml")
     back = RunConfig.load_yaml(Path(tmp_path / "c.yaml"))
     assert (back.train.budget, back.train.feature_views, back.train.unfreeze, back.train.epochs) == (2.5, 4, "3", 5)
+
+
+def test_the_fast_schedule_keeps_what_fits():
+    from pixclass.train.recipes.fast import epochs_that_fit
+    assert epochs_that_fit(1, 10, epoch_s=60, left_s=10_000, held_out=1000, rate=500) == 10  # all of it
+    assert epochs_that_fit(1, 10, epoch_s=60, left_s=310, held_out=0, rate=500) == 6  # 1 done + 5 that fit
+    assert epochs_that_fit(3, 10, epoch_s=60, left_s=-5, held_out=0, rate=500) == 3  # out of time: stop now
+    # the evaluation of the held-out images is paid for before more epochs
+    assert epochs_that_fit(1, 10, epoch_s=60, left_s=310, held_out=30_000, rate=500) < 6
+
+
+def test_the_fast_recipe_shortens_its_schedule_to_the_budget(tmp_path):
+    from conftest import make_shapes
+    data = make_shapes(tmp_path / "shapes", per_class=40)
+    out = tmp_path / "r"
+    proc = run_cli("train", data, "--recipe", "fast", "--image-size", "32", "--budget", "0.01", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "the schedule shortened to 1 of 10 epochs" in proc.stderr
+    assert len(json.loads(proc.stdout)["history"]) == 1
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["train"]["plan"].startswith("0.01 min budget: 1 of")

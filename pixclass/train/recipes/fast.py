@@ -133,43 +133,14 @@ def batch_size_for(n: int, hyp: FastHyper) -> int:
     return min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
 
 
-# the held-out evaluation with TTA (6 passes per image) and the report, as training steps' worth
-# of images: what must be left of the budget when training ends
-_EVALUATION_PASSES = 8
-
-
-def epochs_for_budget(model, data, budget, precision: str, hyp: FastHyper, reporter: Reporter) -> int:
-    """The schedule's epochs that fit what is left of the budget (at most the recipe's own), from
-    a probe of two training steps on a copy of the network (the schedule's length sets its
-    learning-rate curve, so it is fixed before training starts)."""
-    import copy
-    train, pre = data.train, data.preprocess
-    n = len(train)
-    batch_size = batch_size_for(n, hyp)
-    probe = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
-    dtype = resolve_precision(precision)
-    x = _standardize(train.images[:batch_size], pre)
-    y = train.labels[:batch_size]
-    optimizer = torch.optim.SGD(probe.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = F.cross_entropy(probe(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    step()
-    started = time.perf_counter()
-    step()
-    step_s = (time.perf_counter() - started) * 1.1  # the real steps also crop, flip and average weights
-    held = sum(len(s) for s in (data.val, data.test) if s is not None)
-    epoch_s = step_s * max(1, n // batch_size) + (step_s / batch_size / 3) * len(data.val or ())
-    evaluation_s = step_s / batch_size / 3 * held * _EVALUATION_PASSES + 10
-    fits = int((budget.left() - evaluation_s) // max(epoch_s, 1e-6))
-    epochs = max(1, min(hyp.epochs, fits))
-    reporter.info(f"plan: {budget.minutes:g} min budget: {epochs} of the schedule's {hyp.epochs} epochs "
-                  f"(about {epoch_s:.0f}s each, {evaluation_s:.0f}s for evaluation)")
-    return epochs
+def epochs_that_fit(done: int, planned: int, epoch_s: float, left_s: float, held_out: int, rate: float) -> int:
+    """How many epochs the schedule can have in all, after `done` of `planned` took `epoch_s`
+    each, when `left_s` seconds of the budget remain and `held_out` images still need the
+    evaluation (about 8 network passes each at `rate` images/s of training: TTA averages 6 views,
+    and the report) plus a few seconds of writing."""
+    evaluation_s = held_out * 8 / max(rate * 3, 1e-6) + 10
+    fits = int((left_s - evaluation_s) // max(epoch_s, 1e-6))
+    return max(done, min(planned, done + fits))
 
 
 class FastRecipe(Recipe):
@@ -193,19 +164,26 @@ class FastRecipe(Recipe):
                             "or use smaller images")
         hyp = hyper_for(job.arch["name"])
         epochs = job.cfg.train.epochs
-        if epochs is None and job.budget is not None:
-            epochs = epochs_for_budget(job.model, job.data, job.budget, job.cfg.train.precision, hyp, job.reporter)
-            job.record(job.cfg.replace("train", epochs=epochs, plan=f"{job.budget.minutes:g} min budget: {epochs} epochs"))
-        return fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
-                        job.cfg.train.precision, job.run_dir, job.reporter, hyp)
+        # with the epochs left to the budget, the schedule shortens itself to fit (see fit_fast)
+        budget = job.budget if epochs is None else None
+        result = fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
+                          job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget)
+        if budget is not None:
+            run = len(result.history)
+            job.record(job.cfg.replace("train", epochs=run, plan=f"{budget.minutes:g} min budget: {run} of the "
+                                                                  f"schedule's {hyp.epochs} epochs"))
+        return result
 
 
 RECIPE = FastRecipe()
 
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
-             hyp: FastHyper = FastHyper()) -> FitResult:
-    """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA."""
+             hyp: FastHyper = FastHyper(), budget=None) -> FitResult:
+    """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA.
+    With a `budget` (train.budget.Budget), after each epoch the schedule is shortened to the epochs
+    that still fit it: the learning-rate and averaging curves are functions of the share of steps
+    done, so they stretch to the new length and still end annealed."""
     pre = data.preprocess
     dtype = resolve_precision(precision)
     train = data.train
@@ -226,7 +204,9 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     reporter.info(f"fast recipe: batch {batch_size}, {epochs} epochs, {total} steps, "
                   f"{'bfloat16' if dtype else 'float32'} on the CPU")
     started = time.perf_counter()
-    for epoch in range(epochs):
+    held_out = sum(len(split) for split in (data.val, data.test) if split is not None)
+    epoch = 0
+    while epoch < epochs:
         model.train()
         model.whiten.bias.requires_grad_(epoch < hyp.whiten_bias_epochs)
         order = torch.randperm(n, generator=g)
@@ -269,6 +249,13 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
             write_history(history, Path(run_dir) / "metrics.csv")
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                 if v is not None and k not in ("phase",)))
+        epoch += 1
+        if budget is not None and epoch < epochs:
+            fitting = epochs_that_fit(epoch, epochs, (time.perf_counter() - started) / epoch, budget.left(), held_out,
+                                      row["images_per_s"])
+            if fitting < epochs:
+                reporter.info(f"time budget: the schedule shortened to {fitting} of {epochs} epochs")
+                epochs, total = fitting, steps_per_epoch * fitting
     lookahead.update(1.0)  # finish on the averaged weights
     model.eval()
     if run_dir is not None:
