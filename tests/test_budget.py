@@ -131,3 +131,10 @@ def test_the_fast_recipe_shortens_its_schedule_to_the_budget(tmp_path):
     assert len(json.loads(proc.stdout)["history"]) == 1
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 1 and saved["train"]["plan"].startswith("0.01 min budget: 1 of")
+
+
+def test_a_depth_the_ladder_does_not_have_is_priced_deeper_than_its_deepest():
+    """A user's --unfreeze 7 is planned (epochs, views) like any rung, and costs more per epoch."""
+    deep = b.plan_transfer(500, 100, 3600, fixed_speeds(60.0), ["efficientnet_lite0"], ((7, 0, 3),))
+    ladder_deepest = b.plan_transfer(500, 100, 3600, fixed_speeds(60.0), ["efficientnet_lite0"], ((4, 0, 3),))
+    assert deep.unfreeze == 7 and deep.estimate_s["fine-tuning"] > ladder_deepest.estimate_s["fine-tuning"]

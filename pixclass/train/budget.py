@@ -122,10 +122,20 @@ EVAL_SPEEDUP = 4.0
 PROBE_BACKBONE, PROBE_SIZE = "efficientnet_lite0", 224
 
 
-def speeds_from_probe(lite0_rate: float, backbone: str, units=TAIL_COST) -> Speeds:
-    """Speeds of `backbone` (an EfficientNet-Lite) from Lite0's measured forward rate."""
+def tail_cost(units: int) -> float:
+    """Training the last `units` units, relative to the backbone's forward pass: measured for the
+    ladder's choices, and for more units (a user's --unfreeze N) more than the deepest measured."""
+    if units in TAIL_COST:
+        return TAIL_COST[units]
+    deepest = max(TAIL_COST)
+    return TAIL_COST[deepest] * (units - deepest + 1) if units > deepest else TAIL_COST[min(TAIL_COST)]
+
+
+def speeds_from_probe(lite0_rate: float, backbone: str, units=range(1, 21)) -> Speeds:
+    """Speeds of `backbone` (an EfficientNet-Lite; another backbone is priced as Lite0) from
+    Lite0's measured forward rate."""
     forward = lite0_rate / FORWARD_COST.get(backbone, 1.0)
-    train = {u: forward / TAIL_COST[u] for u in units if u in TAIL_COST}
+    train = {u: forward / tail_cost(u) for u in units}
     return Speeds(forward * ONNX_SPEEDUP, train, {u: r * EVAL_SPEEDUP for u, r in train.items()})
 
 

@@ -7,7 +7,12 @@ The backbone is cut into a frozen part and a trainable tail. The frozen part run
 - fine-tune phase: the tail (by default the units at the backbone's last resolution) trains with
   the head on the cached features, with discriminative learning rates (lower for earlier units),
   as fastai's `fine_tune` does; `--unfreeze all` fine-tunes the whole network on images.
-`--freeze` (or 0 epochs) stops after the head phase: a pure feature extractor."""
+`--freeze` (or 0 epochs) stops after the head phase: a pure feature extractor.
+What is not given (the backbone when no model is named, the units, the views, the epochs) is
+planned for the run's time budget before anything is decoded (`plan`, train/budget.py), and every
+phase stops at the budget's deadline. The held-out images are also cached mirrored; the mirrored
+view is averaged in (test-time augmentation, kept in the artifact) where it lowers the validation
+loss."""
 
 from __future__ import annotations
 
@@ -118,7 +123,9 @@ class TransferRecipe(Recipe):
             (units if free_units else int(tc.unfreeze), views if free_views else tc.feature_views,
              epochs if free_epochs else tc.epochs)
             for units, views, epochs in budget_plan.LADDER if free_epochs or not tc.epochs or units))
-        backbones = [b for b in budget_plan.BACKBONES if _offline(b)] if model_chosen else [cfg.model.name]
+        # a weights file given without a model belongs to the default backbone: no other is chosen
+        choose = model_chosen and not cfg.model.weights
+        backbones = [b for b in budget_plan.BACKBONES if _offline(b)] if choose else [cfg.model.name]
         started = time.perf_counter()
         speeds_of = _SpeedsProbe(cfg, len(scanned.classes))
         plan = budget_plan.plan_transfer(n_train, n_eval, budget.left(), speeds_of, backbones or [cfg.model.name],
