@@ -134,6 +134,7 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
     findings = quick_audit(scanned)
     if findings:
         reporter.warn("dataset check:\n  " + "\n  ".join(findings) + f"\n  (details: pixclass audit {cfg.data.path})")
+    planned = cfg.train.plan
     if resumed is None and not dist.enabled:  # ranks would each measure their own plan: the defaults
         cfg = recipe.plan(cfg, scanned, budget, model_chosen, reporter)
     torch.manual_seed(cfg.train.seed)
@@ -152,6 +153,8 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
                                    cfg.model, reporter)
     if resumed is not None:
         _check_resumed_model(resumed, model, arch)
+    if cfg.train.plan != planned:  # said once the model is built: a model that cannot be is the one line
+        reporter.info(f"plan: {cfg.train.plan}")
     if dist.main:
         _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)

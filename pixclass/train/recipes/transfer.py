@@ -134,7 +134,6 @@ class TransferRecipe(Recipe):
         units = plan.unfreeze if free_units else tc.unfreeze
         record = (f"{budget.minutes:g} min budget: {plan.describe()}; probe {time.perf_counter() - started:.1f}s "
                   f"(Lite0 forward {probe_rate():.0f} images/s)")
-        reporter.info(f"plan: {record}")
         cfg = cfg.replace("model", name=plan.backbone)
         epochs = (plan.epochs if plan.unfreeze else 0) if free_epochs else tc.epochs
         return cfg.replace("train", unfreeze=str(units), feature_views=plan.feature_views, epochs=epochs,
