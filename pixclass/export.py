@@ -76,6 +76,7 @@ def quantize_int8(fp32_path: Path, out: Path, calibration_inputs: np.ndarray, re
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    out.parent.mkdir(parents=True, exist_ok=True)  # as export_onnx does: --out may name a new folder
     with tempfile.TemporaryDirectory(prefix="pixclass-int8-") as work:
         prepared = Path(work) / "prepared.onnx"
         try:

@@ -41,17 +41,18 @@ def _int8_weights(path) -> list:
 def test_int8_export_is_calibrated_and_verified(trained_run, tmp_path):
     # 300 images the model never saw, so that the 0.97 threshold is measured in steps of 1/300
     verify_on = make_shapes(tmp_path / "verify", per_class=100, seed=1)
-    proc = run_cli("export", trained_run["model_dir"], "--int8", "--out", tmp_path / "q.onnx", "--data", verify_on,
-                   "--json")
+    # into a folder that does not exist yet, as the fp32 export allows
+    proc = run_cli("export", trained_run["model_dir"], "--int8", "--out", tmp_path / "new" / "q.onnx", "--data",
+                   verify_on, "--json")
     assert proc.returncode == 0, proc.stderr
     v = json.loads(proc.stdout)
     assert v["format"] == "onnx int8" and v["passed"] and v["threshold"] == 0.97
     assert v["n"] == v["n_held_out"] == 300 and v["agreement"] >= 0.97
-    assert v["size_mb"] > 0 and v["path"] == str(tmp_path / "q.onnx")
+    assert v["size_mb"] > 0 and v["path"] == str(tmp_path / "new" / "q.onnx")
     assert abs(v["accuracy_export"] - v["accuracy_original"]) <= 0.05
     # 7-bit weights: no pair of uint8 x int8 products can saturate VPMADDUBSW's int16 (CPUs without
     # VNNI), so every x86 CPU computes the same integers
-    weights = _int8_weights(tmp_path / "q.onnx")
+    weights = _int8_weights(tmp_path / "new" / "q.onnx")
     assert len(weights) >= 3 and max(int(abs(w.astype(int)).max()) for w in weights) <= 64
 
 

@@ -48,11 +48,21 @@ def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     m = summary["metrics"]
-    assert m["tta"] is True and m["accuracy"] > 0.5 and m["accuracy_without_tta"] > 0.4
+    assert m["tta"] == "hflip" and m["accuracy"] > 0.5 and m["accuracy_with_shift_tta"] > 0.4
     meta = json.loads((tmp_path / "r" / "model" / "pixclass.json").read_text())
     assert meta["arch"]["name"] == "airbench"
+    assert meta["tta"] == "hflip"
     pred = run_cli("predict", tmp_path / "r" / "model", data / "circle", "--json")
     assert pred.returncode == 0 and len(json.loads(pred.stdout)) == 40
+    # the run's figure is what the saved model gives on the held-out files
+    import numpy as np
+    import pixclass
+    held = [line.split(",") for line in (tmp_path / "r" / "manifest.csv").read_text().splitlines()[1:]
+            if line.endswith("," + m["split"])]
+    model = pixclass.load(tmp_path / "r" / "model")
+    probs = model.predict_proba([data / row[0] for row in held])
+    labels = np.array([model.classes.index(row[1]) for row in held])
+    assert float((probs.argmax(1) == labels).mean()) == m["accuracy"]
 
 
 def test_wide_network_has_airbench95_sizes_and_rebuilds_from_its_arch():
