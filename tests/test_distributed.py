@@ -62,8 +62,11 @@ def test_transfer_recipe_under_two_processes_shares_the_feature_work(ants_bees_s
                                "--optimizer", "sgd", "--lr", "0.01", "--out", str(tmp_path / name), *extra],
                               capture_output=True, text=True, env={**env, "PIXCLASS_CACHE_DIR": str(cache)}, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        [shard] = (cache / "features").glob("*/*.safetensors")  # one run, one shard
-        return load_file(shard), load_file(tmp_path / name / "model" / "model.safetensors")
+        # the images' own features (the single process also caches the held-out images mirrored,
+        # for test-time augmentation: entries "digest:tag:view", in a shard of their own)
+        features = {k: v for shard in (cache / "features").glob("*/*.safetensors")
+                    for k, v in load_file(shard).items() if ":" not in k}
+        return features, load_file(tmp_path / name / "model" / "model.safetensors")
 
     head_only = ["--freeze", "--head-epochs", "3", "--dropout", "0"]
     one_features, one = train("one", *head_only, "--threads", "1")
