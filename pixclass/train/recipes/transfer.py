@@ -130,10 +130,9 @@ class TransferRecipe(Recipe):
         speeds_of = _SpeedsProbe(cfg, len(scanned.classes))
         plan = budget_plan.plan_transfer(n_train, n_eval, budget.left(), speeds_of, backbones or [cfg.model.name],
                                          ladder)
-        probe_rate = speeds_of.rate
         units = plan.unfreeze if free_units else tc.unfreeze
         record = (f"{budget.minutes:g} min budget: {plan.describe()}; probe {time.perf_counter() - started:.1f}s "
-                  f"(Lite0 forward {probe_rate():.0f} images/s)")
+                  f"(Lite0 forward {speeds_of.rate():.0f} images/s)")
         cfg = cfg.replace("model", name=plan.backbone)
         epochs = (plan.epochs if plan.unfreeze else 0) if free_epochs else tc.epochs
         return cfg.replace("train", unfreeze=str(units), feature_views=plan.feature_views, epochs=epochs,
@@ -287,21 +286,29 @@ def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, s
     """The held-out probabilities, averaged with the mirrored images' where that lowers the
     validation loss (then the artifact applies the same test-time augmentation: "hflip")."""
     module = module.cpu().eval()
+    seen: dict[str, tuple] = {}
 
-    def both(split):
-        plain = np.concatenate([softmax_probabilities(module(x[:, 0])) for x, _, _ in split.batches(256)])
-        mirror = np.concatenate([softmax_probabilities(module(x[:, 1])) for x, _, _ in split.batches(256)])
-        return plain, (plain + mirror) / 2
+    def both(name: str):
+        """(plain, averaged) probabilities of a split: one pass over its batches, once per split
+        (the held-out split is often val itself)."""
+        if name not in seen:
+            plain, mirror = [], []
+            for x, _, _ in mirrored[name].batches(256):
+                plain.append(softmax_probabilities(module(x[:, 0])))
+                mirror.append(softmax_probabilities(module(x[:, 1])))
+            plain = np.concatenate(plain)
+            seen[name] = plain, (plain + np.concatenate(mirror)) / 2
+        return seen[name]
 
     val = mirrored.get("val")
     tta = "none"
     if val is not None and len(val):
-        plain, averaged = both(val)
+        plain, averaged = both("val")
         labels = val.labels.numpy()
         if cross_entropy(labels, averaged) < cross_entropy(labels, plain):
             tta = "hflip"
     name, split = held_out_split(mirrored)
-    plain, averaged = both(split)
+    plain, averaged = both(name)
     labels = split.labels.numpy()
     probs = averaged if tta == "hflip" else plain
     other = plain if tta == "hflip" else averaged
