@@ -24,34 +24,11 @@ from .data.decode import decode_image
 from .data.scan import collect_image_paths
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError, first_line
+from .fastest_backend import export_onnx
 from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend, litert_sidecar
 from .runs import check_output_location
 
-OPSET = 17
 THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
-
-
-def metadata(art) -> dict[str, str]:
-    # pixclass_tta says what the graph already does (Probabilities): nothing reads it to apply it again
-    return {"pixclass_classes": json.dumps(art.classes), "pixclass_preprocess": json.dumps(art.preprocess.to_dict()),
-            "pixclass_arch": json.dumps(art.arch), "pixclass_tta": art.tta}
-
-
-def export_onnx(art, path: Path) -> Path:
-    import onnx
-    pre = art.preprocess
-    model = Probabilities(art.model.eval(), art.tta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
-                      output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
-                      opset_version=OPSET, dynamo=False)
-    proto = onnx.load(str(path))
-    for key, value in metadata(art).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path
 
 
 class _Calibration:
