@@ -2,6 +2,7 @@
 process with the whole batch ends."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,31 +21,75 @@ def cifar_2000(cifar_train_400, tmp_path_factory):
     return subset(cifar_train_400, tmp_path_factory.mktemp("cifar2000") / "train", per_class=200).parent
 
 
-@pytest.mark.ddp
-@pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 archive not available")
-def test_two_gloo_processes_match_one_process(cifar_2000, tmp_path):
-    # Two processes sum the batch in another order than one, so the weights differ by float noise
-    # (1e-8 after a step). A gentle optimizer keeps it there; Adam at 1e-3 or SGD at 0.05 amplify it
-    # over the epoch's 32 steps to ~1e-3 (measured), as any chaotic training would.
-    args = ["train", cifar_2000, "--model", "classic-cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "64", "--augment", "standard",
-            "--optimizer", "sgd", "--lr", "0.01",
-            "--split", "1,0,0", "--seed", "7", "-q"]
-    one = run_cli(*args, "--out", tmp_path / "one", "--threads", "1")
+# Two processes sum the batch in another order than one, so the weights differ by float noise
+# (1e-8 after a step). A gentle optimizer keeps it there; Adam at 1e-3 or SGD at 0.05 amplify it
+# over the epoch's 32 steps to ~1e-3 (measured), as any chaotic training would.
+GENTLE_RUN = ["--model", "classic-cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "64",
+              "--augment", "standard", "--optimizer", "sgd", "--lr", "0.01", "--split", "1,0,0", "--seed", "7", "-q"]
+
+
+def without_rank_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(cifar_2000, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-process") / "one"
+    one = run_cli("train", cifar_2000, *GENTLE_RUN, "--out", out, "--threads", "1")
     assert one.returncode == 0, one.stderr
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    two = subprocess.run([sys.executable, "-m", "pixclass", *map(str, args), "--out", str(tmp_path / "two"),
-                          "--nproc", "2"], capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr
-    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    return out
+
+
+def assert_same_training(one: Path, other: Path) -> None:
+    a = load_file(one / "model" / "model.safetensors")
+    b = load_file(other / "model" / "model.safetensors")
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-4, diff
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
-    rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
+    rows = (other / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2  # one epoch, logged once (by rank 0)
-    one_row, two_row = (p.read_text().splitlines()[1].split(",") for p in (tmp_path / "one" / "metrics.csv",
-                                                                          tmp_path / "two" / "metrics.csv"))
-    assert abs(float(one_row[3]) - float(two_row[3])) < 1e-3  # train loss reduced over both ranks
+    one_row, other_row = (p.read_text().splitlines()[1].split(",") for p in (one / "metrics.csv", other / "metrics.csv"))
+    assert abs(float(one_row[3]) - float(other_row[3])) < 1e-3  # train loss reduced over both ranks
+
+
+@pytest.mark.ddp
+@pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 archive not available")
+def test_two_gloo_processes_match_one_process(cifar_2000, one_process_run, tmp_path):
+    two = subprocess.run([sys.executable, "-m", "pixclass", "train", str(cifar_2000), *GENTLE_RUN,
+                          "--out", str(tmp_path / "two"), "--nproc", "2"],
+                         capture_output=True, text=True, env=without_rank_env(), timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert_same_training(one_process_run, tmp_path / "two")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ddp
+@pytest.mark.skipif(not CIFAR.is_file(), reason="CIFAR-10 archive not available")
+def test_two_nodes_with_c10d_rendezvous_match_one_process(cifar_2000, one_process_run, tmp_path):
+    """Two "machines" on localhost, one process each, meeting through torchrun's c10d
+    rendezvous as nodes on a network do; each node has its own working folder (as separate
+    machines have their own disks) and only the first rank writes the run."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for node in (0, 1):
+        work = tmp_path / f"node{node}"
+        work.mkdir()
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "pixclass-test",
+             "-m", "pixclass", "train", str(cifar_2000), *GENTLE_RUN, "--out", str(work / "run")],
+            cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=without_rank_env()))
+    outputs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outputs):
+        assert p.returncode == 0, err
+    rank0 = [work / "run" for work in (tmp_path / "node0", tmp_path / "node1") if (work / "run" / "model").is_dir()]
+    assert len(rank0) == 1  # one run folder in all, on the node that holds rank 0
+    assert_same_training(one_process_run, rank0[0])
 
 
 @pytest.mark.ddp
