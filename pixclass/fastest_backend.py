@@ -41,7 +41,9 @@ def export_onnx(art, path: Path) -> Path:
     its classes and preprocessing in the file's metadata."""
     import onnx
     pre = art.preprocess
-    model = Probabilities(art.model.eval(), art.tta)
+    # the wrapper in eval mode too: the exporter restores the mode it found, and a wrapper left in
+    # training mode would put the artifact's model back into it (BatchNorm then updates its statistics)
+    model = Probabilities(art.model.eval(), art.tta).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
                       output_names=["probabilities"],

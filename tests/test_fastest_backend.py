@@ -85,3 +85,16 @@ def test_exported_files_run_as_they_are_and_a_bad_choice_is_one_line(trained_run
         open_fastest(onnx_file, "torch")
     with pytest.raises(UserError, match="--backend must be one of auto, onnxruntime, torch"):
         open_fastest(trained_run["model_dir"], "tensorrt")
+
+
+def test_exporting_leaves_the_pytorch_model_as_it_answers(trained_run, shapes_session, tmp_path):
+    """The first open exports the model it then checks against: the export must not switch that
+    model into training mode (where BatchNorm answers from, and updates, batch statistics)."""
+    from pixclass import artifact as artifact_io
+    art = artifact_io.load(trained_run["model_dir"])
+    reference = TorchBackend.from_artifact(art)
+    images = shape_images(shapes_session, reference.preprocess)
+    before = reference.probabilities_uint8(images)
+    fastest_backend.export_onnx(art, tmp_path / "m.onnx")
+    assert not art.model.training
+    np.testing.assert_allclose(reference.probabilities_uint8(images), before, atol=1e-6)
