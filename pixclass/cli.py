@@ -410,6 +410,9 @@ def serve(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels"),
     max_batch: int = typer.Option(32, "--max-batch", help="Most images per model call."),
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="How long to gather a batch."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto: ONNX Runtime when the model's export answers like PyTorch, else "
+                                     "PyTorch; or onnxruntime, torch."),
 ):
     """Serve the model: an upload page at / and a JSON API under /v1 (docs at /docs)."""
     import json
@@ -418,13 +421,12 @@ def serve(
 
     import uvicorn
 
-    from . import artifact as artifact_io
     from .data.decode import DEFAULT_MAX_PIXELS
-    from .serve.app import Settings
+    from .serve.app import Settings, available_cores
 
-    artifact_io.load(model)  # fail here, with one line, rather than in every worker
     settings = Settings(model=str(model), token=token, max_upload_mb=max_upload_mb,
-                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                        model_threads=max(1, available_cores() // workers), **_serving_backend(model, backend))
     os.environ["PIXCLASS_SERVE_SETTINGS"] = json.dumps(asdict(settings))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
     # was there before it: make that one a no-op so a clean shutdown exits with 0
@@ -432,6 +434,17 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run("pixclass.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", timeout_graceful_shutdown=30)
+
+
+def _serving_backend(model: Path, backend: str) -> dict:
+    """Settings fields for the backend the workers run, chosen here once: a bad model folder or an
+    unusable --backend fails with one line rather than in every worker, the ONNX export is made
+    (and cached) once, and a fallback to PyTorch is warned about once."""
+    from . import artifact as artifact_io
+    from .fastest_backend import open_fastest
+    artifact_io.load(model)  # the service needs the saved model folder itself (explain, /v1/model)
+    choice = open_fastest(model, backend)
+    return {"backend": choice.backend.name, "backend_reason": choice.reason}
 
 
 @app.command()

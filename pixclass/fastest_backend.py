@@ -98,10 +98,11 @@ def _cached_export(art, model_dir: Path) -> Path:
     return path
 
 
-def open_fastest(model, backend: str = "auto", threads: int | None = None) -> Choice:
+def open_fastest(model, backend: str = "auto", threads: int | None = None, spinning: bool = True) -> Choice:
     """A saved model folder -> the fastest backend that agrees with its PyTorch model (`auto`), or
     the one asked for (`onnxruntime` fails with one line where it cannot be used; `torch`). An
-    .onnx or .tflite file is run as it is."""
+    .onnx or .tflite file is run as it is. `threads` and `spinning` configure an ONNX Runtime
+    session (OnnxBackend)."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     path = Path(model).expanduser()
@@ -115,7 +116,7 @@ def open_fastest(model, backend: str = "auto", threads: int | None = None) -> Ch
     if backend == "torch":
         return Choice(reference, "torch (asked for)")
     try:
-        candidate = OnnxBackend(_cached_export(art, path), threads=threads)
+        candidate = OnnxBackend(_cached_export(art, path), threads=threads, spinning=spinning)
         difference = agreement(reference, candidate, check_inputs(reference))
     except Exception as e:  # a missing ONNX Runtime, an operator the exporter lacks: PyTorch still answers
         why = f"ONNX export or ONNX Runtime failed ({type(e).__name__}: {first_line(e)})"

@@ -104,11 +104,15 @@ class OnnxBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, spinning: bool = True):
+        """`spinning=False`: the intra-op threads sleep as soon as a call ends instead of busy-waiting
+        for the next one, leaving the cores to other threads of the process (a service's decoding)."""
         import onnxruntime as ort
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ONNX Runtime raises its own exception types for a missing or broken file

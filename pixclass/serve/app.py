@@ -7,7 +7,11 @@ body over the upload limit (body_limit.py), for an image over the pixel limit an
 whose images together pass the request's pixel budget (judged from the headers, uploads.py), 415
 for files that are not an allowed image format, 422 for an allowed format that does not decode,
 400 for a request that does not match the API, 401 without the bearer token, 404/405 for unknown
-routes and methods, 503 while the model loads, 500 for anything unexpected."""
+routes and methods, 503 while the model loads, 500 for anything unexpected.
+
+Predictions run on the fastest backend that answers like the PyTorch model (fastest_backend.py:
+ONNX Runtime when the model's export agrees with it, else PyTorch); Grad-CAM needs the PyTorch
+model's gradients, so /v1/explain always runs the artifact itself."""
 
 from __future__ import annotations
 
@@ -47,6 +51,14 @@ class Settings:
     batch_wait_ms: float = 5.0
     top_k: int = 5
     max_request_pixels: int | None = None  # None: REQUEST_PIXELS_FACTOR x max_pixels
+    backend: str = "auto"  # fastest_backend.BACKENDS
+    # why `backend` was chosen, when `pixclass serve` resolved "auto" before starting its workers
+    # (so each worker reports the reason rather than "asked for")
+    backend_reason: str | None = None
+    # intra-op threads of the prediction backend; None: every core this process may use. The
+    # batcher already gathers concurrent requests into one call, so one call at a time on the
+    # cores is what the model needs; `--workers N` gives each worker its share
+    model_threads: int | None = None
 
     @property
     def request_pixels(self) -> int:
@@ -88,7 +100,6 @@ def create_app(settings: Settings) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from .. import artifact as artifact_io
-    from ..inference import TorchBackend
     from ..predict import top_k
 
     registry = CollectorRegistry()
@@ -102,10 +113,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        art = await loop.run_in_executor(None, artifact_io.load, settings.model)
-        backend = TorchBackend.from_artifact(art)
+        art = await loop.run_in_executor(None, artifact_io.load, settings.model)  # for explain and /v1/model
+        choice = await loop.run_in_executor(None, open_prediction_backend, settings)
+        backend = choice.backend
         weights = Path(settings.model) / artifact_io.WEIGHTS_FILE
-        state.update(art=art, backend=backend,
+        state.update(art=art, backend=backend, backend_reason=settings.backend_reason or choice.reason,
                      version=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
         state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
@@ -169,7 +181,8 @@ def create_app(settings: Settings) -> FastAPI:
         art = state["art"]
         return {"name": art.arch["name"], "version": state["version"], "classes": art.classes,
                 "preprocess": art.preprocess.to_dict(), "tta": art.tta, "metrics": art.metrics,
-                "versions": art.versions}
+                "versions": art.versions,
+                "backend": {"name": state["backend"].name, "reason": state["backend_reason"]}}
 
     @app.get("/healthz")
     async def healthz():
@@ -201,6 +214,23 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit_bytes=int(settings.max_upload_mb * 2**20))
     app.add_middleware(Metrics, requests_total=requests_total, latency=latency, routes=app.router.routes)
     return app
+
+
+def available_cores() -> int:
+    import os
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def open_prediction_backend(settings: Settings):
+    """The backend predictions run on (a fastest_backend.Choice). ONNX Runtime's threads do not
+    spin between calls: on a small machine a spinning thread takes the core that decodes the next
+    request's images."""
+    from ..fastest_backend import open_fastest
+    return open_fastest(settings.model, settings.backend, threads=settings.model_threads or available_cores(),
+                        spinning=False)
 
 
 def create_app_from_env() -> FastAPI:
