@@ -62,7 +62,7 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
         raise UserError("no dataset given (pass DATA or set data.path in the config)")
     cfg = cfg.replace("data", path=data_path, image_size=overrides.pop("image_size"), channels=overrides.pop("channels"),
                       split=_parse_split(overrides.pop("split")), manifest=overrides.pop("manifest"),
-                      max_pixels=overrides.pop("max_pixels"))
+                      max_pixels=overrides.pop("max_pixels"), max_memory_gb=overrides.pop("max_memory"))
     cfg = cfg.replace("augment", policy=overrides.pop("augment"))
     if overrides["model"] is not None or overrides["recipe"] is not None:  # named now, not chosen from the images
         if overrides["recipe"] is None and cfg.train.recipe_reason:  # the model named picks its own recipe
@@ -109,6 +109,8 @@ def train(
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
     finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", help="Head learning rate when fine-tuning."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GB the run may hold in memory (default 4): "
+                                               "decoded images and cached features beyond it are read from disk."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (the model's own) | scratch | transfer | fast "
                                          "(airbench-style, small images; --model airbench-wide for a larger network)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
@@ -136,7 +138,7 @@ def train(
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
                         budget=budget, freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
-                        recipe=recipe, precision=precision, device=device)
+                        max_memory=max_memory, recipe=recipe, precision=precision, device=device)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet))
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
         return

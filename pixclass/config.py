@@ -6,6 +6,7 @@ command line fails early with one line naming the field, never deep inside train
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,10 @@ class DataConfig:
     channels: int = 3
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     manifest: str | None = None  # reuse a split manifest (CSV) from an earlier run
-    max_memory_gb: float = 4.0  # decoded datasets up to this size are kept in memory
+    # what the run may hold in memory (--max-memory; 4 fits an 8 GB laptop): decoded datasets up
+    # to this size are kept in memory, and cached features up to half of it (train/memory_plan.py);
+    # larger ones are read from disk batch by batch
+    max_memory_gb: float = 4.0
     max_pixels: int | None = None  # larger images are rejected from their header (None: ~89 megapixels)
 
     def __post_init__(self):
@@ -79,7 +83,9 @@ class DataConfig:
                "split must be three fractions train,val,test")
         _check(abs(sum(self.split) - 1) < 1e-6 and self.split[0] > 0,
                f"split fractions must add up to 1 with train > 0 (got {self.split})")
-        _check(self.max_memory_gb > 0, "max_memory_gb must be > 0")
+        _check(isinstance(self.max_memory_gb, (int, float)) and math.isfinite(self.max_memory_gb)
+               and self.max_memory_gb > 0,
+               f"max_memory_gb (--max-memory) must be a number of GB above 0 (got {self.max_memory_gb!r})")
 
 
 DEFAULT_MODEL = "efficientnet_lite0"  # what "auto" trains on all but small images: pretrained offline, fine-tuned

@@ -199,4 +199,4 @@ def test_features_from_images_decoded_ahead_equal_decoding_on_demand(ants_bees_s
     assert [p for p, _ in failed_a] == [p for p, _ in failed_b] == [broken]
     for split in ("train", "val"):
         assert on_demand[split].paths == decoded_ahead[split].paths and len(on_demand[split]) == len(wanted[split][0]) - (split == "train")
-        assert torch.equal(on_demand[split].images, decoded_ahead[split].images)
+        assert torch.equal(on_demand[split].tensor(), decoded_ahead[split].tensor())

@@ -12,18 +12,24 @@ import hashlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..cache import cache_root, digest, file_digest
-from ..data.loaders import DecodeAhead, SplitData
+from ..data.loaders import DecodeAhead
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import first_line
 from ..progress import Reporter, warn
+from .feature_rows import SAFETENSORS_DTYPES, FeatureRows, safetensors_offsets
+
+# how the cache stores features: float16 halves the disk, the reads and what a held split takes;
+# its rounding is a relative 2**-11 of each value
+STORE_DTYPE = torch.float16
+STORE_FORMAT = "float16"
 
 
 class FrozenPart(nn.Module):
@@ -138,16 +144,20 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
                      reporter: Reporter, batch_size: int = 32, decoding: DecodeAhead | None = None, dist=None):
     """Features at `cut` for several splits in one pass over the files that miss the cache.
 
-    parts: {name: (paths, labels, views)}. Returns ({name: SplitData of cached features, N x views x ...},
-    [(path, reason)] of the unreadable ones). A file's clean features are stored under its content
-    digest, its augmented views under digest + augmentation + seed + view number. `decoding`: the
-    images already being decoded (a DecodeAhead with this preprocessing over these files), used
-    instead of decoding them again; it is closed here either way. Under torchrun (`dist`) each
-    rank computes every world-th of the missing files, then all ranks exchange what they computed."""
+    parts: {name: (paths, labels, views)}. Returns ({name: FeatureRows of cached features, N x (1 + views)
+    x ..., float16 in the cache's shards}, [(path, reason)] of the unreadable ones). A file's clean
+    features are stored under its content digest, its augmented views under digest + augmentation +
+    seed + view number. What is computed goes into the cache a shard at a time as it comes, so no
+    more than a shard of it is held. `decoding`: the images already being decoded (a DecodeAhead
+    with this preprocessing over these files), used instead of decoding them again; it is closed
+    here either way. Under torchrun (`dist`) each rank computes every world-th of the missing
+    files, and the ranks exchange what they computed in rounds (_FeatureSink)."""
     frozen = FrozenPart(model, cut)
     wdigest = weights_digest(frozen)
     features_dir = cache_root() / "features"
-    store = FeatureStore(features_dir / digest(model.backbone_name, wdigest, cut, pre.to_dict()))
+    # STORE_FORMAT in the key: shards of another storage format are never mixed into a store
+    folder = features_dir / digest(model.backbone_name, wdigest, cut, pre.to_dict(), STORE_FORMAT)
+    store = FeatureStore(folder)
     aug_tag = digest(asdict(augment.cfg), seed)[:12] if augment is not None else None
     names = {}  # path -> entry names it needs
     digests = {}
@@ -162,73 +172,100 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     todo = {p: [n for n in ns if n not in store] for p, ns in names.items()}
     todo = {p: ns for p, ns in todo.items() if ns}
     missing = len(todo)
-    if dist is not None and dist.enabled:  # this rank's share, in an order every rank agrees on
+    distributed = dist is not None and dist.enabled
+    if distributed:  # this rank's share, in an order every rank agrees on
         todo = {p: todo[p] for p in sorted(todo)[dist.rank::dist.world]}
     if decoding is not None and (decoding.pre != pre or not set(todo) <= set(decoding.paths)):
         decoding.close()
         decoding = None
-    computed: dict[str, torch.Tensor] = {}
-    if todo:
-        def make_runner():
-            return _Runner(frozen, digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
-                           pre.channels, pre.size, features_dir)
-        decoding = decoding or DecodeAhead(list(todo), pre, batch_size)  # the workers start decoding now
-        try:
-            failures += _compute(make_runner, decoding, todo, pre, augment, seed, computed, reporter)
-        finally:
-            decoding.close()
-    elif decoding is not None:
-        decoding.close()
-    if missing and dist is not None and dist.enabled:
-        shares: list = [None] * dist.world
-        torch.distributed.all_gather_object(shares, (computed, failures))
-        failures = list(dict.fromkeys(f for _, fs in shares for f in fs))
-        computed = {k: v for share, _ in shares for k, v in share.items()}
     if missing:
-        if dist is None or dist.main:
-            store.add(computed)
+        sink = _FeatureSink(store, dist if distributed else None, -(-missing // (dist.world if distributed else 1)))
+        if todo:
+            def make_runner():
+                return _Runner(frozen, digest(model.backbone_name, wdigest, cut, pre.channels, pre.size),
+                               pre.channels, pre.size, features_dir)
+            decoding = decoding or DecodeAhead(list(todo), pre, batch_size)  # the workers start decoding now
+            try:
+                failures += _compute(make_runner, decoding, todo, pre, augment, seed, sink, reporter)
+            finally:
+                decoding.close()
+        sink.finish()
+        if distributed:
+            shares: list = [None] * dist.world
+            torch.distributed.all_gather_object(shares, failures)
+            failures = list(dict.fromkeys(f for fs in shares for f in fs))
+            dist.barrier()  # every shard written before any rank reads the store again
+        store = FeatureStore(folder)
     else:
+        if decoding is not None:
+            decoding.close()
         reporter.info(f"features: all {len(names)} images found in the cache")
-    with store.reader() as cached:
-        return _splits(parts, computed, cached, digests, aug_tag, {p for p, _ in failures}), failures
+    return _splits(parts, store, digests, aug_tag, {p for p, _ in failures}), failures
 
 
-def _splits(parts: dict, computed: dict, cached, digests: dict, aug_tag: str | None,
-            failed: set) -> dict[str, SplitData]:
-    """Each split's entries copied into one tensor (N x views x ...): from this run's `computed`
-    (rows of batch outputs, each dropped at its last use, so a batch's memory is freed as soon as
-    all its rows are copied) or read from the cache one by one, so the features are held about
-    once, not twice, at the peak."""
-    def entries(path, views):
-        d = digests[path]
-        return [d] + [f"{d}:{aug_tag}:{v}" for v in range(1, views + 1) if aug_tag]
-
-    uses: dict[str, int] = {}
-    for paths, _, views in parts.values():
-        for p in paths:
-            if p not in failed:
-                for key in entries(p, views):
-                    uses[key] = uses.get(key, 0) + 1
+def _splits(parts: dict, store: "FeatureStore", digests: dict, aug_tag: str | None, failed: set) -> dict:
+    """Each split's entries as rows of the store (N x views, where each is in which shard): nothing
+    is read here."""
     out = {}
     for name, (paths, labels, views) in parts.items():
         keep = [i for i, p in enumerate(paths) if p not in failed]
-        tensor = None
-        for row, i in enumerate(keep):
-            keys = entries(paths[i], views)
-            for col, key in enumerate(keys):
-                value = computed[key] if key in computed else cached(key)
-                if tensor is None:
-                    tensor = torch.empty((len(keep), len(keys), *value.shape), dtype=value.dtype)
-                tensor[row, col] = value
-                uses[key] -= 1
-                if uses[key] == 0 and key in computed:
-                    del computed[key]
-        out[name] = SplitData(tensor if tensor is not None else torch.zeros(0),
-                              torch.tensor([labels[i] for i in keep], dtype=torch.long), [paths[i] for i in keep])
+        keys = [[d] + [f"{d}:{aug_tag}:{v}" for v in range(1, views + 1) if aug_tag]
+                for d in (digests[paths[i]] for i in keep)]
+        out[name] = store.rows(keys, torch.tensor([labels[i] for i in keep], dtype=torch.long),
+                               [paths[i] for i in keep])
     return out
 
 
-def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed, stored, reporter):
+class _FeatureSink:
+    """Where computed features go: converted to the store's float16 and written as a shard once
+    `shard_bytes` of them are waiting, so a run holds at most that much of them. Under torchrun
+    every rank needs every feature: the ranks exchange what they computed in rounds of
+    `files_per_round` files (every rank takes part in the same number of rounds, padding with
+    empty ones), and one rank per machine writes the shards into its machine's cache."""
+
+    def __init__(self, store: "FeatureStore", dist, share: int, shard_bytes: int = 128 * 2**20,
+                 files_per_round: int = 512):
+        self.store, self.dist, self.shard_bytes, self.files_per_round = store, dist, shard_bytes, files_per_round
+        self.rounds = -(-share // files_per_round)  # the largest rank share's rounds
+        self.waiting: dict[str, torch.Tensor] = {}
+        self.waiting_bytes = self.files_done = self.rounds_done = 0
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        value = value.to(STORE_DTYPE, copy=True)  # a copy: the batch's output is freed once all its rows are put
+        self.waiting[key] = value
+        self.waiting_bytes += value.nbytes
+
+    def done(self, files: int) -> None:
+        self.files_done += files
+        if self.dist is None:
+            if self.waiting_bytes >= self.shard_bytes:
+                self._write(self.waiting)
+        else:
+            while self.rounds_done < min(self.rounds, self.files_done // self.files_per_round):
+                self._exchange()
+
+    def finish(self) -> None:
+        if self.dist is None:
+            self._write(self.waiting)
+            return
+        while self.rounds_done < self.rounds:
+            self._exchange()
+
+    def _exchange(self) -> None:
+        shares: list = [None] * self.dist.world
+        torch.distributed.all_gather_object(shares, self.waiting)
+        self.waiting, self.waiting_bytes = {}, 0
+        self.rounds_done += 1
+        if self.dist.local_rank == 0:
+            self._write({k: v for share in shares for k, v in share.items()})
+
+    def _write(self, entries: dict) -> None:
+        if entries:
+            self.store.add(entries, self.shard_bytes)
+        self.waiting, self.waiting_bytes = {}, 0
+
+
+def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed, sink, reporter):
     runner = make_runner()  # exporting the frozen part overlaps with the decoding workers
     # The decoding workers need the cores while ONNX Runtime (its own threads) is idle; torch's
     # OpenMP threads would only spin against them for the cheap tensor work done here.
@@ -236,13 +273,13 @@ def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed,
     if runner.session is not None:
         torch.set_num_threads(1)
     try:
-        return _compute_batches(runner, decoding, todo, pre, augment, seed, stored, reporter)
+        return _compute_batches(runner, decoding, todo, pre, augment, seed, sink, reporter)
     finally:
         runner.close()
         torch.set_num_threads(threads)
 
 
-def _compute_batches(runner, decoding, todo, pre, augment, seed, stored, reporter):
+def _compute_batches(runner, decoding, todo, pre, augment, seed, sink, reporter):
     failures, paths = [], decoding.paths
     with reporter.bar("features", len(todo)) as bar:
         for chunk in decoding:
@@ -262,52 +299,59 @@ def _compute_batches(runner, decoding, todo, pre, augment, seed, stored, reporte
                     gens = [torch.Generator().manual_seed(int(e.split(":")[0][:12], 16) ^ (seed * 7919 + view))
                             for _, _, e in items]
                     x = batch_to_input(batch, pre, augment, gens, memory_format=runner.memory_format)
-                # rows of the batch's output, not copies: freed together once all are used
                 for (_, _, entry), f in zip(items, runner(x)):
-                    stored[entry] = f
+                    sink.put(entry, f)
+            sink.done(len(chunk))
             bar.advance(len(chunk))
     return failures
 
 
 class FeatureStore:
     """The cached features of one frozen part (backbone, weights, cut, preprocessing): a folder of
-    safetensors shards, one written by each run that computed something. Entries are keyed by
+    safetensors shards of float16 entries, written as runs compute them. Entries are keyed by
     file content (and view), so one store serves every dataset; a run reads only the entries it
-    needs (the shards' headers say which holds what) and writes only what it computed, so memory
-    and disk work follow the run, not everything ever cached. A damaged shard is skipped: its
-    entries are computed again, never trusted (a shard is opened at indexing, which checks its
-    header against the file)."""
+    needs (the shards' headers say which holds what and where) and writes only what it computed,
+    so memory and disk work follow the run, not everything ever cached. A damaged shard is
+    skipped: its entries are computed again, never trusted (a shard is opened at indexing, which
+    checks its header against the file)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.where: dict[str, Path] = {}
+        self.shards: list[Path] = []
+        self.where: dict[str, tuple[int, int]] = {}  # key -> (shard number, byte offset)
+        self.entry: tuple | None = None  # (dtype name, shape): one for every entry of the store
         for shard in sorted(folder.glob("*.safetensors")):
             try:  # opening checks the header against the file's size, so a truncated shard fails here
-                with _open(shard) as f:
-                    for key in f.keys():
-                        self.where.setdefault(key, shard)
+                with _open(shard):
+                    pass
+                offsets, entries = safetensors_offsets(shard)
+                kinds = set(entries.values())
+                if len(kinds) > 1 or (self.entry is not None and kinds and kinds != {self.entry}):
+                    raise ValueError(f"entries of other shapes or types than the store's: {sorted(kinds)}")
             except Exception as e:
                 warn(f"damaged feature-cache shard {shard} skipped ({first_line(e)}); its features are computed again")
                 continue
+            if kinds:
+                self.entry = kinds.pop()
+            number = len(self.shards)
+            self.shards.append(shard)
+            for key, offset in offsets.items():
+                self.where.setdefault(key, (number, offset))
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    @contextmanager
-    def reader(self):
-        """get(key) -> tensor, each read straight from its shard (shards opened once)."""
-        handles: dict[Path, object] = {}
-        with ExitStack() as stack:
-            def get(key: str) -> torch.Tensor:
-                shard = self.where[key]
-                if shard not in handles:
-                    handles[shard] = stack.enter_context(_open(shard))
-                return handles[shard].get_tensor(key)
-            yield get
+    def rows(self, keys: list[list[str]], labels: torch.Tensor, paths: list) -> FeatureRows:
+        """The entries `keys[i][v]` as a split's rows (image i, view v), read from the shards when used."""
+        views = len(keys[0]) if keys else 0
+        located = np.array([[self.where[k] for k in row] for row in keys], dtype=np.int64).reshape(len(keys), views, 2)
+        dtype, shape = self.entry if self.entry is not None else ("F16", ())
+        return FeatureRows(self.shards, located[..., 0].astype(np.int32), located[..., 1], shape,
+                           SAFETENSORS_DTYPES[dtype], labels, paths)
 
     def add(self, entries: dict[str, torch.Tensor], shard_bytes: int = 256 * 2**20) -> None:
-        """Write `entries` as shards of at most ~shard_bytes: the writer holds a byte copy of what
-        it writes, so this bounds the extra memory a large run needs to save its features."""
+        """Write `entries` (each its own tensor) as shards of at most ~shard_bytes: the writer
+        holds a byte copy of what it writes, so this bounds the extra memory of saving."""
         from safetensors.torch import save_file
         self.folder.mkdir(parents=True, exist_ok=True)
         keys = sorted(entries)
@@ -320,7 +364,7 @@ class FeatureStore:
             chunk = keys[start:end]
             name = digest(*chunk)[:24]
             tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-            save_file({k: entries[k].clone() for k in chunk}, str(tmp))  # clones: rows of one batch share memory
+            save_file({k: entries[k].contiguous() for k in chunk}, str(tmp))
             os.replace(tmp, self.folder / f"{name}.safetensors")
             start = end
 

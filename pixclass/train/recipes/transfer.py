@@ -23,17 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...cache import cache_root
 from ...config import RunConfig
-from ...data.loaders import DecodeAhead, SplitData, default_workers
+from ...data.loaders import DecodeAhead, default_workers
 from ...data.transforms import build_augment
 from ...errors import DatasetError, UserError
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
 from ...models.transfer import TransferModel, default_cut
+from ..feature_rows import FeatureRows, rows_from_batches
 from ..features import FeatureInputs, Mirror, extract_features
 from ..hooks import Checkpoints, HistoryFile
 from ..loop import ImageInputs, Trainer
+from ..memory_plan import MemoryPlan
 from .. import budget as budget_plan
 from ..budget import HEAD_EPOCHS
 from . import FitResult, HeldOut, Job, Recipe, held_out_split
@@ -79,19 +82,21 @@ def finetune_epochs(cfg: RunConfig) -> int:
 
 
 @torch.inference_mode()
-def _through(module_fn, split: SplitData, device: torch.device, batch_size: int | None = None) -> SplitData:
-    """Apply a frozen function (on the model's device) to every view of every cached feature.
-    Batches of 32 on a CPU, where they fit the CPU's cache and ran faster than larger ones."""
+def _through(module_fn, split: FeatureRows, device: torch.device, hold: bool, batch_size: int | None = None) -> FeatureRows:
+    """Apply a frozen function (on the model's device) to every view of every cached feature, a
+    batch at a time; the outputs held in memory or written to a scratch file (`hold`). Batches of
+    32 on a CPU, where they fit the CPU's cache and ran faster than larger ones."""
     batch_size = batch_size or (32 if device.type == "cpu" else 256)
-    n, v = split.images.shape[:2]
-    flat = split.images.flatten(0, 1)
-    out = torch.cat([module_fn(flat[i:i + batch_size].to(device)).cpu()
-                     for i in range(0, len(flat), batch_size)]) if len(flat) else flat
-    return SplitData(out.view(n, v, *out.shape[1:]), split.labels, split.paths)
+
+    def outputs():
+        for x, _, _ in split.batches(batch_size):
+            out = module_fn(x.flatten(0, 1).to(device)).cpu()
+            yield out.view(len(x), split.views, *out.shape[1:])
+    return rows_from_batches(outputs(), split.labels, split.paths, hold, cache_root() / "scratch")
 
 
 @torch.inference_mode()
-def _held_out_on_features(module: nn.Module, name: str | None, split: SplitData | None) -> HeldOut | None:
+def _held_out_on_features(module: nn.Module, name: str | None, split: FeatureRows | None) -> HeldOut | None:
     """Probabilities from cached features (the clean view 0) through the trained tail."""
     if split is None:
         return None
@@ -169,8 +174,10 @@ class TransferRecipe(Recipe):
         splits, skipped = _features(job, frozen_cut)
         mirrored = _mirrored_held_out(job, frozen_cut, splits) if cut > 0 else {}
         timings["features_s"] = round(time.perf_counter() - started, 2)
+        memory = MemoryPlan(job.cfg.data.max_memory_gb)
+        _hold_if_planned(memory, "features", splits)
         started = time.perf_counter()
-        pooled = _head_phase(job, splits, frozen_cut, history, device)
+        pooled = _head_phase(job, splits, frozen_cut, history, device, memory)
         timings["head_s"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
         held_out_of, evaluator = _finetune_phase(job, cut, splits, pooled, history, device)
@@ -208,17 +215,31 @@ def _features(job: Job, frozen_cut: int) -> tuple[dict, list]:
     return splits, skipped
 
 
-def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device) -> dict:
+def _hold_if_planned(memory: MemoryPlan, what: str, splits: dict) -> bool:
+    """Load the splits into memory where the plan lets them be held (else they are read per batch)."""
+    present = [s for s in splits.values() if s is not None]
+    held = memory.hold(what, sum(s.nbytes for s in present))
+    if held:
+        for split in present:
+            split.hold()
+    return held
+
+
+def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device, memory: MemoryPlan) -> dict:
     """The head alone, on pooled features (milliseconds per epoch). Returns the pooled splits."""
     model, tc = job.model, job.cfg.train
     if frozen_cut < model.n_units:
         tail = Tail(model, frozen_cut)
         for module in tail.units:
             module.eval()
-        pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s, device) if s is not None else None
-                  for k, s in splits.items()}
+        # pooled: num_features float32 per view of each image
+        present = [s for s in splits.values() if s is not None]
+        hold = memory.hold("pooled features", sum(len(s) * s.views for s in present) * model.backbone.num_features * 4)
+        pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s, device, hold)
+                  if s is not None else None for k, s in splits.items()}
     else:
         pooled = splits
+    job.reporter.info(memory.line())
     head_epochs = HEAD_EPOCHS if tc.head_epochs is None else tc.head_epochs
     if head_epochs > 0:
         torch.manual_seed(tc.seed)  # dropout draws the same whether or not features came from the cache
@@ -245,7 +266,8 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
     ft_cfg = dataclasses.replace(tc, epochs=epochs, lr=tc.finetune_lr or tc.lr / 2,
                                  schedule="cosine" if tc.schedule == "constant" else tc.schedule)
     if cut == 0:
-        images = {k: _decoded(getattr(job.data, k), pre, job.reporter) for k in ("train", "val", "test")}
+        images = {k: _decoded(getattr(job.data, k), pre, job.reporter, job.cfg.data.max_memory_gb)
+                  for k in ("train", "val", "test")}
         inputs = ImageInputs(pre, build_augment(job.cfg.augment))
         trainer = Trainer(model, images["train"], images["val"], ft_cfg, inputs, job.reporter,
                           hooks=_phase_hooks(job, True), phase="finetune", history=history, dist=job.dist, device=device,
@@ -270,7 +292,8 @@ RECIPE = TransferRecipe()
 
 def _mirrored_held_out(job: Job, frozen_cut: int, splits: dict) -> dict:
     """The val and test splits' features with a second view, of each image mirrored (computed
-    once and cached like the others), for test-time augmentation: {name: SplitData N x 2 x ...}."""
+    once and cached like the others), for test-time augmentation: {name: FeatureRows N x 2 x ...},
+    read once per split, in order, from the cache's files."""
     parts = {name: (split.paths, split.labels.tolist(), 1) for name in ("val", "test")
              if (split := splits.get(name)) is not None and len(split)}
     if not parts or job.dist.enabled:
@@ -317,11 +340,12 @@ def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, s
     return HeldOut(name, probs, labels, list(split.paths)), tta, metrics
 
 
-def _decoded(part, pre, reporter):
+def _decoded(part, pre, reporter, max_memory_gb: float):
+    """A split's decoded images: in memory where they fit the run's ceiling, else streamed."""
     if part is None or len(part) == 0:
         return None
     from ...data.loaders import load_split
-    split, _ = load_split(part.paths, part.labels, pre, reporter, what="loading images")
+    split, _ = load_split(part.paths, part.labels, pre, reporter, max_memory_gb, what="loading images")
     return split
 
 
