@@ -119,8 +119,8 @@ def rows_from_batches(batches, labels: torch.Tensor, paths: list, hold: bool, sc
     parts, scratch, shape, dtype, n, views = [], None, None, None, 0, 0
     for b in batches:
         shape, dtype, views = tuple(b.shape[2:]), b.dtype, b.shape[1]
-        if hold:
-            parts.append(b)
+        if hold:  # a copy of a view: the view would keep the whole tensor it looks into alive
+            parts.append(b.clone() if b._base is not None else b)
         else:
             if scratch is None:
                 scratch_dir.mkdir(parents=True, exist_ok=True)
