@@ -11,6 +11,7 @@ and its seconds per image.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import random
 import shutil
@@ -75,7 +76,7 @@ def predict_has_out() -> bool:
     return "--out" in helptext
 
 
-def run_size(n: int, work: Path, train_args: list[str]) -> dict:
+def run_size(n: int, work: Path, train_args: list[str], predict: bool = True) -> dict:
     data = build_dataset(CIFAR_TRAIN, work / f"data-{n}", n)
     cache = work / f"cache-{n}"  # fresh per size: every feature is computed, as on a new dataset
     shutil.rmtree(cache, ignore_errors=True)
@@ -84,6 +85,9 @@ def run_size(n: int, work: Path, train_args: list[str]) -> dict:
     env = {**os.environ, "PIXCLASS_CACHE_DIR": str(cache)}
     train_s, train_gb, log = measured(pixclass_cmd("train", data, *train_args, "--out", run), env)
     notes = [line for line in log.splitlines() if line.startswith(("plan:", "memory:"))]
+    result = {"n": n, "train_s": train_s, "train_gb": train_gb, "notes": notes}
+    if not predict:
+        return result
     out = work / f"predictions-{n}.csv"
     if predict_has_out():
         predict_s, predict_gb, _ = measured(pixclass_cmd("predict", run / "model", data, "--out", out), env)
@@ -91,11 +95,11 @@ def run_size(n: int, work: Path, train_args: list[str]) -> dict:
         with open(out, "w") as f:
             predict_s, predict_gb, _ = measured(pixclass_cmd("predict", run / "model", data, "--format", "csv"), env,
                                                 stdout=f)
-    rows = sum(1 for _ in open(out)) - 1
-    if rows != n:
-        sys.exit(f"predict wrote {rows} rows for {n} images ({out})")
-    return {"n": n, "train_s": train_s, "train_gb": train_gb, "predict_s": predict_s, "predict_gb": predict_gb,
-            "notes": notes}
+    with open(out, newline="") as f:  # one row per image and rank of the top-k: the paths are what count
+        predicted = {row[0] for row in csv.reader(f)} - {"path"}
+    if len(predicted) != n:
+        sys.exit(f"predict wrote rows for {len(predicted)} of {n} images ({out})")
+    return {**result, "predict_s": predict_s, "predict_gb": predict_gb}
 
 
 def main() -> None:
@@ -105,25 +109,27 @@ def main() -> None:
                     help="where the datasets, caches and runs go (datasets are kept for the next call)")
     ap.add_argument("--train-args", default="--recipe transfer --epochs 2",
                     help="what `pixclass train DATA` is given besides --out")
+    ap.add_argument("--no-predict", action="store_true", help="time training only")
     args = ap.parse_args()
     if not CIFAR_TRAIN.is_dir():
         sys.exit(f"CIFAR-10 JPEGs not found in {CIFAR_TRAIN}")
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
-        r = run_size(n, args.work, args.train_args.split())
+        r = run_size(n, args.work, args.train_args.split(), predict=not args.no_predict)
         results.append(r)
         for note in r["notes"]:
             print(f"  {n}: {note}", flush=True)
-        print(f"{n:>8} images  train peak {r['train_gb']:.2f} GB, {r['train_s'] / n * 1000:.2f} ms/image  "
-              f"predict peak {r['predict_gb']:.2f} GB, {r['predict_s'] / n * 1000:.2f} ms/image", flush=True)
+        line = f"{n:>8} images  train peak {r['train_gb']:.2f} GB, {r['train_s'] / n * 1000:.2f} ms/image"
+        if "predict_s" in r:
+            line += f"  predict peak {r['predict_gb']:.2f} GB, {r['predict_s'] / n * 1000:.2f} ms/image"
+        print(line, flush=True)
     if len(results) > 1:
         first, last = results[0], results[-1]
-        print(f"RESULT sizes={first['n']}..{last['n']} "
-              f"train_peak_ratio={last['train_gb'] / first['train_gb']:.2f} "
-              f"train_time_per_image_ratio={(last['train_s'] / last['n']) / (first['train_s'] / first['n']):.2f} "
-              f"predict_peak_ratio={last['predict_gb'] / first['predict_gb']:.2f} "
-              f"predict_time_per_image_ratio={(last['predict_s'] / last['n']) / (first['predict_s'] / first['n']):.2f}")
+        ratios = [f"{c}_peak_ratio={last[f'{c}_gb'] / first[f'{c}_gb']:.2f} "
+                  f"{c}_time_per_image_ratio={(last[f'{c}_s'] / last['n']) / (first[f'{c}_s'] / first['n']):.2f}"
+                  for c in ("train", "predict") if f"{c}_s" in last]
+        print(f"RESULT sizes={first['n']}..{last['n']} " + " ".join(ratios))
 
 
 if __name__ == "__main__":

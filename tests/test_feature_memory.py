@@ -1,10 +1,8 @@
 """Memory flat in the dataset's size (issue 18): cached features are float16 in the cache's shards
 and read batch by batch unless they fit what the run may hold (--max-memory)."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from conftest import make_shapes, needs_hymenoptera, run_cli
 # of a few tens of MiB either way is the allocator's, not the features'.
 _PEAK_SCRIPT = r"""
 import resource, sys, tempfile
-from pathlib import Path
 import torch
 from pixclass.train.features import FeatureStore, _FeatureSink
 from pixclass.train.feature_rows import rows_from_batches

@@ -82,6 +82,8 @@ class FeatureRows:
     def _read(self, idx: torch.Tensor) -> torch.Tensor:
         rows = idx.numpy()
         out = torch.empty((len(rows), self.views, *self.shape), dtype=self.dtype)
+        if out.numel() == 0:
+            return out
         flat = out.view(len(rows) * self.views, -1).view(torch.uint8).numpy()
         files, offsets = self.where[rows].ravel(), self.offsets[rows].ravel()
         for k in np.lexsort((offsets, files)):  # in file order: neighbouring entries read one after another

@@ -82,7 +82,8 @@ def finetune_epochs(cfg: RunConfig) -> int:
 
 
 @torch.inference_mode()
-def _through(module_fn, split: FeatureRows, device: torch.device, hold: bool, batch_size: int | None = None) -> FeatureRows:
+def _through(module_fn, split: FeatureRows, device: torch.device, hold: bool,
+             batch_size: int | None = None) -> FeatureRows:
     """Apply a frozen function (on the model's device) to every view of every cached feature, a
     batch at a time; the outputs held in memory or written to a scratch file (`hold`). Batches of
     32 on a CPU, where they fit the CPU's cache and ran faster than larger ones."""
@@ -157,7 +158,9 @@ class TransferRecipe(Recipe):
         if pre is None or dist.enabled:
             return None
         in_order = [s.path for split in ("train", "val", "test") for s in scanned.samples if s.split == split]
-        return DecodeAhead(list(dict.fromkeys(in_order)), pre, workers=max(1, default_workers() - 1))
+        # what is decoded ahead counts against the run's memory ceiling too
+        ahead = min(1 << 29, int(cfg.data.max_memory_gb * 2**30 / 8))
+        return DecodeAhead(list(dict.fromkeys(in_order)), pre, max_bytes=ahead, workers=max(1, default_workers() - 1))
 
     def fit(self, job: Job) -> FitResult:
         """Under torchrun every rank computes the features of its share of the files, all ranks
@@ -233,8 +236,8 @@ def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device, 
         for module in tail.units:
             module.eval()
         # pooled: num_features float32 per view of each image
-        present = [s for s in splits.values() if s is not None]
-        hold = memory.hold("pooled features", sum(len(s) * s.views for s in present) * model.backbone.num_features * 4)
+        entries = sum(len(s) * s.views for s in splits.values() if s is not None)
+        hold = memory.hold("pooled features", entries * model.backbone.num_features * 4)
         pooled = {k: _through(lambda f: model.pooled(_run_units(tail.units, f)), s, device, hold)
                   if s is not None else None for k, s in splits.items()}
     else:
