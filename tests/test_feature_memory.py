@@ -16,6 +16,7 @@ from conftest import make_shapes, needs_hymenoptera, run_cli
 # of a few tens of MiB either way is the allocator's, not the features'.
 _PEAK_SCRIPT = r"""
 import resource, sys, tempfile
+from pathlib import Path
 import torch
 from pixclass.train.features import FeatureStore, _FeatureSink
 from pixclass.train.feature_rows import rows_from_batches
