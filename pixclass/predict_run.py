@@ -10,8 +10,10 @@ through the file system: under a multi-node launch the output's folder must be s
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+from .data.loaders import default_workers
 from .errors import UserError
 from .predict import Predictor
 from .prediction_files import existing_parts, output_format, part_path
@@ -78,20 +80,23 @@ def predict_to_file(predictor: Predictor, files: list[Path], out: Path, k: int, 
     ranks.barrier()  # every rank has read what is done before any rank writes more
     todo = [f for f in files if str(f) not in done]
     mine = todo[batch_aligned_shard(len(todo), batch_size, ranks)]
-    if done:
-        reporter.info(f"resuming: {len(done)} of {len(files)} files already in {out}")
+    skipped = len(files) - len(todo)
+    if skipped:
+        reporter.info(f"resuming: {skipped} of {len(files)} files already in {out}")
     target = part_path(out, ranks.rank) if ranks.enabled else out
     if resume:
         fmt.drop_partial_line(target)
+    if workers is None and ranks.enabled:  # the processes on one machine share its cores
+        workers = max(1, default_workers() // ranks.local_world)
     writer = fmt.open_writer(target, k, append=resume)
-    unreadable = 0
+    unreadable, finished, started = 0, 0, time.monotonic()
     try:
-        with reporter.bar("predicting", len(mine)) as bar:
+        with reporter.bar("predicting", len(mine), stats=True) as bar:
             for records in predictor.predict_stream(mine, k=k, batch_size=batch_size, workers=workers):
                 writer.write(records)
-                failed = sum("error" in r for r in records)
-                unreadable += failed
-                bar.advance(len(records))
+                unreadable += sum("error" in r for r in records)
+                finished += len(records)
+                bar.advance(len(records), stats=f"{finished / max(time.monotonic() - started, 1e-9):.1f} files/s")
     finally:
         writer.close()
     ranks.barrier()  # every part is complete before rank 0 merges them
@@ -104,5 +109,5 @@ def predict_to_file(predictor: Predictor, files: list[Path], out: Path, k: int, 
             for part in parts:
                 part.unlink()
     ranks.barrier()  # the output is whole before any rank reports success
-    return {"files": len(files), "skipped": len(done), "predicted": len(mine), "unreadable": unreadable,
+    return {"files": len(files), "skipped": skipped, "predicted": len(mine), "unreadable": unreadable,
             "written": written}

@@ -79,10 +79,18 @@ class _LineFormat:
         if not path.is_file():
             return
         with open(path, "rb+") as f:
-            data = f.read()
-            keep = data.rfind(b"\n") + 1
-            if keep < len(data):
-                f.truncate(keep)
+            end = f.seek(0, os.SEEK_END)
+            start = block_end = end
+            while start > 0:  # back from the end, a block at a time, to the last newline
+                start = max(0, block_end - (1 << 16))
+                f.seek(start)
+                newline = f.read(block_end - start).rfind(b"\n")
+                if newline >= 0:
+                    start += newline + 1
+                    break
+                block_end = start
+            if start < end:
+                f.truncate(start)
 
     def merge(self, sources: list[Path], dest: Path, k: int, position: dict[str, int]) -> int:
         """The records of `sources` (complete lines only), each path once, in `position` order, written

@@ -52,6 +52,19 @@ def test_csv_and_jsonl_have_one_record_per_file_with_the_top_class_first(trained
     assert "top_k" not in records[-1] and records[-1]["error"] == rows[-1]["error"]
 
 
+def test_parquet_has_the_csv_columns(trained_run, shapes_session, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")  # optional: without it, a one-line error (test below)
+    model = trained_run["model_dir"]
+    assert run_cli("predict", model, shapes_session, "--out", tmp_path / "p.csv", "-k", "2").returncode == 0
+    proc = run_cli("predict", model, shapes_session, "--out", tmp_path / "p.parquet", "-k", "2", "-b", "16")
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["path"] for r in table] == [r["path"] for r in rows]
+    assert [(r["class"], r["class_2"]) for r in table] == [(r["class"], r["class_2"]) for r in rows]
+    assert [round(r["probability"], 6) for r in table] == [float(r["probability"]) for r in rows]
+
+
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
     """600 files (links to 30 drawn 256-pixel images, in 6 folders): enough work to kill a run midway."""
