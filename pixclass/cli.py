@@ -232,7 +232,8 @@ def predict(
     resume: bool = typer.Option(False, "--resume", help="Skip the files already in --out and append the rest."),
     backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime where it agrees with the "
                                 "PyTorch model, else PyTorch) | onnxruntime | torch"),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    # small batches: on a CPU a larger one gains little, and ONNX Runtime's memory arena grows with it
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model call."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
 ):
     """Predict the classes of images."""
