@@ -227,28 +227,61 @@ def predict(
     model: Path = typer.Argument(..., help="A saved model folder, or an exported .onnx or .tflite file."),
     paths: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     top_k: int = typer.Option(3, "--top-k", "-k", min=1),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | json | csv"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table | json | csv, on stdout (default table)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to FILE.csv, .jsonl or .parquet as the "
+                                       "predictions come (any number of files; needed under torchrun)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip the files already in --out and append the rest."),
+    backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime where it agrees with the "
+                                "PyTorch model, else PyTorch) | onnxruntime | torch"),
+    # small batches: on a CPU a larger one gains little, and ONNX Runtime's memory arena grows with it
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model call."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
 ):
     """Predict the classes of images."""
     from .data.decode import set_max_pixels
+    from .fastest_backend import open_fastest
     from .predict import Predictor
+    from .predict_run import check_output, predict_all, predict_to_file
     from .progress import Reporter
+    from .ranks import from_env, process_group
 
     set_max_pixels(max_pixels)
-    if fmt not in ("table", "json", "csv"):
+    if fmt not in (None, "table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv (got {fmt!r})")
-    predictor = Predictor.load(model)
+    if resume and out is None:
+        raise UserError("--resume continues an output file: give it with --out FILE")
+    ranks = from_env()
+    if out is not None:
+        if fmt is not None or as_json:
+            raise UserError("--format and --json print to stdout; with --out the file's suffix sets the format")
+        check_output(out, resume)
+    elif ranks.enabled:
+        raise UserError("under torchrun, give the output file with --out FILE (the ranks' parts are merged into it)")
+    # processes sharing this machine share its cores
+    threads = max(1, (os.cpu_count() or 1) // ranks.local_world) if ranks.enabled else None
+    choice = open_fastest(model, backend, threads=threads)
+    predictor = Predictor(choice.backend)
     files = _image_files(paths)
-    results, failures = predictor.predict_files(files, k=top_k)
+    reporter = Reporter(quiet=not ranks.main)
+    if out is not None:
+        reporter.info(f"backend: {choice.reason}")
+        with process_group(ranks):
+            counts = predict_to_file(predictor, files, out, top_k, batch_size, resume, reporter, ranks)
+        who = f"rank {ranks.rank}/{ranks.world}: " if ranks.enabled else ""  # every rank says what it did
+        if counts["unreadable"]:
+            reporter.warn(f"{who}{counts['unreadable']} unreadable file(s): their rows in {out} give the reason")
+        Reporter().info(f"{who}{counts['predicted']} file(s) predicted into {out}"
+                        + (f" ({counts['skipped']} already there)" if counts["skipped"] else ""))
+        return
+    results, failures = predict_all(predictor, files, top_k, batch_size)
     if not results:  # nothing to print in any format: a mistake in the paths, not an empty answer
         path, reason = failures[0]
         raise UserError(f"none of the {len(files)} file(s) given could be read as an image (e.g. {path}: {reason})")
-    reporter = Reporter()
+    reporter.info(f"backend: {choice.reason}")
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
-    fmt = "json" if as_json else fmt
+    fmt = "json" if as_json else fmt or "table"
     if fmt == "json":
         _print_json(results)
     elif fmt == "csv":

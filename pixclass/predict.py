@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data.decode import decode_image, to_mode
+from .data.loaders import DecodeAhead
 from .data.transforms import image_to_uint8
 from .errors import ImageDecodeError
 from .inference import Backend, TorchBackend, open_backend
@@ -68,3 +69,20 @@ class Predictor:
                 probs = self.probabilities_uint8(torch.stack(tensors))
                 results += [{"path": str(p), "top_k": top_k(row, self.classes, k)} for p, row in zip(chunk, probs)]
         return results, failures
+
+    def predict_stream(self, paths: list[Path], k: int = 5, batch_size: int = 64, workers: int | None = None,
+                       max_bytes: int = 1 << 27):
+        """Per batch of `paths`, in their order: a list of records, {"path", "top_k"} for an image
+        and {"path", "error"} for a file that cannot be read. Files are decoded by worker
+        processes (data.loaders.DecodeAhead) up to `max_bytes` of images ahead of the model, so
+        decoding and inference overlap and memory stays flat however many files there are."""
+        k = min(k, len(self.classes))
+        decoded = DecodeAhead(paths, self.preprocess, batch_size=batch_size, max_bytes=max_bytes, workers=workers)
+        try:
+            for chunk in decoded:
+                images = [img for _, img, _ in chunk if img is not None]
+                rows = iter(self.probabilities_uint8(torch.stack(images)) if images else [])
+                yield [{"path": str(paths[i]), "top_k": top_k(next(rows), self.classes, k)} if img is not None
+                       else {"path": str(paths[i]), "error": reason} for i, img, reason in chunk]
+        finally:
+            decoded.close()
