@@ -1,7 +1,7 @@
 """Which process of a torchrun launch this is, for the commands that split a list of files
 across processes (predict). Training has its own DDP set-up (train/distributed.py); a consumer of
-a model must not import training code, so the few lines that read torchrun's environment and open
-a gloo process group live here."""
+a model must not import training code, so what reads torchrun's environment lives here, and
+training's Dist extends it."""
 
 from __future__ import annotations
 

@@ -10,27 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ranks import Ranks
+from ..ranks import from_env as ranks_from_env
+
 
 @dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
+class Dist(Ranks):
+    """A torchrun rank (ranks.Ranks: rank, world, local world, shard, barrier) with what training
+    adds: the device index on its machine and sums over the ranks."""
     local_rank: int = 0
-    local_world: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, n: int) -> slice:
-        """This rank's slice of a global batch of n (contiguous, sizes differing by at most one)."""
-        per, extra = divmod(n, self.world)
-        start = self.rank * per + min(self.rank, extra)
-        return slice(start, start + per + (1 if self.rank < extra else 0))
 
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.enabled:
@@ -39,17 +27,10 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
 
 def from_env() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
-                int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    ranks = ranks_from_env()
+    return Dist(ranks.rank, ranks.world, ranks.local_world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def choose_device(requested: str | None = None, dist: Dist | None = None) -> torch.device:
