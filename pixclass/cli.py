@@ -242,7 +242,7 @@ def predict(
     from .data.decode import set_max_pixels
     from .fastest_backend import open_fastest
     from .predict import Predictor
-    from .predict_run import check_output, predict_all, predict_to_file
+    from .predict_run import check_output, predict_to_file
     from .progress import Reporter
     from .ranks import from_env, process_group
 
@@ -274,7 +274,7 @@ def predict(
         Reporter().info(f"{who}{counts['predicted']} file(s) predicted into {out}"
                         + (f" ({counts['skipped']} already there)" if counts["skipped"] else ""))
         return
-    results, failures = predict_all(predictor, files, top_k, batch_size)
+    results, failures = predictor.predict_files(files, k=top_k, batch_size=batch_size)
     if not results:  # nothing to print in any format: a mistake in the paths, not an empty answer
         path, reason = failures[0]
         raise UserError(f"none of the {len(files)} file(s) given could be read as an image (e.g. {path}: {reason})")

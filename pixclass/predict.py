@@ -12,7 +12,6 @@ import torch
 from .data.decode import decode_image, to_mode
 from .data.loaders import DecodeAhead
 from .data.transforms import image_to_uint8
-from .errors import ImageDecodeError
 from .inference import Backend, TorchBackend, open_backend
 
 
@@ -54,20 +53,15 @@ class Predictor:
         return self.probabilities_uint8(torch.stack([self.to_uint8(img) for img in images]))
 
     def predict_files(self, paths: list[Path], k: int = 5, batch_size: int = 64):
-        """Returns ([{path, top_k}], [(path, reason)] for unreadable files)."""
+        """Returns ([{path, top_k}], [(path, reason)] for unreadable files), in file order: the
+        records of predict_stream, gathered."""
         results, failures = [], []
-        k = min(k, len(self.classes))
-        for start in range(0, len(paths), batch_size):
-            chunk, tensors = [], []
-            for p in paths[start:start + batch_size]:
-                try:
-                    tensors.append(self.to_uint8(p))
-                    chunk.append(p)
-                except ImageDecodeError as e:
-                    failures.append((p, e.reason))
-            if tensors:
-                probs = self.probabilities_uint8(torch.stack(tensors))
-                results += [{"path": str(p), "top_k": top_k(row, self.classes, k)} for p, row in zip(chunk, probs)]
+        for records in self.predict_stream(paths, k=k, batch_size=batch_size):
+            for r in records:
+                if "error" in r:
+                    failures.append((r["path"], r["error"]))
+                else:
+                    results.append(r)
         return results, failures
 
     def predict_stream(self, paths: list[Path], k: int = 5, batch_size: int = 64, workers: int | None = None,

@@ -37,18 +37,6 @@ def batch_aligned_shard(n: int, batch_size: int, ranks: Ranks) -> slice:
     return slice(batches.start * batch_size, min(n, batches.stop * batch_size))
 
 
-def predict_all(predictor: Predictor, files: list[Path], k: int, batch_size: int):
-    """For output on stdout: ([{path, top_k}], [(path, reason)] of the unreadable files), in file order."""
-    results, failures = [], []
-    for records in predictor.predict_stream(files, k=k, batch_size=batch_size):
-        for r in records:
-            if "error" in r:
-                failures.append((r["path"], r["error"]))
-            else:
-                results.append(r)
-    return results, failures
-
-
 def check_output(out: Path, resume: bool):
     """The output's format; a user error for a suffix without one, or a resume it cannot do."""
     fmt = output_format(out)
