@@ -75,7 +75,9 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Argument(None, help="Class folders, or a folder with train/ [val/] [test/]."),
+    data: Optional[Path] = typer.Argument(None, help="Class folders, a folder with train/ [val/] [test/], a label CSV "
+                                        "(path,label[,split]) or a standard dataset: torchvision:cifar10, cifar100, "
+                                        "mnist, fashion-mnist, kmnist, svhn."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="efficientnet_lite0 (default: ImageNet-pretrained, "
                                         "offline, fine-tuned), efficientnet_lite1/2, classic-cnn (a small CNN from "
                                         "scratch), airbench or any timm architecture name."),
@@ -120,14 +122,18 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: a new or empty folder; one holding anything is "
                                       "refused (default: runs/<data name>, or -2, -3... when taken)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="For torchvision:NAME: a copy of the dataset's "
+                                           "files (e.g. cifar-10-python.tar.gz) instead of a download."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
 ):
     """Train a classifier on a folder of images."""
     import os
+    from .progress import Reporter
+    if data is not None or archive is not None:  # before the ranks start: one process makes the copy
+        _prepare_named_dataset(str(data) if data is not None else None, archive, Reporter(quiet))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
-    from .progress import Reporter
     from .train.run import run_training
 
     cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -146,6 +152,19 @@ def train(
         _print_json(summary)
     else:
         _print_train_summary(summary)
+
+
+def _prepare_named_dataset(data: Optional[str], archive: Optional[Path], reporter) -> None:
+    """A standard dataset's class-folder copy made now (from --archive, or downloaded), so that
+    the run, and every rank of it, finds it in the cache."""
+    from .data import named
+    if data is None or not named.is_named(data):
+        if archive is not None:
+            raise UserError("--archive is for a standard dataset named like torchvision:cifar10")
+        return
+    if "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        return
+    named.ensure(data, archive, reporter)
 
 
 def _launch_torchrun(nproc: int) -> None:
@@ -497,6 +516,7 @@ def audit(
     from . import audit_report
     from .data.audit import audit as run_audit, quarantine
     from .data.decode import DEFAULT_MAX_PIXELS
+    from .data.scan import dataset_name
     from .progress import Reporter, console
     from .runs import new_run_dir
 
@@ -505,8 +525,8 @@ def audit(
     check_output_location(out)
     if fix is not None:
         check_output_location(quarantine_dir, "--quarantine-dir")
-    report = run_audit(data, min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
-    out = out or new_run_dir(f"audit-{Path(data).resolve().name}")
+    report = run_audit(str(data), min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
+    out = out or new_run_dir(f"audit-{dataset_name(str(data))}")
     out.mkdir(parents=True, exist_ok=True)
     audit_report.write_json(report, out / "audit.json")
     audit_report.write_html(report, out / "audit.html")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .artifact import Artifact
 from .data.loaders import load_split
-from .data.scan import ignored_files_note, read_manifest, scan_class_folders
+from .data.label_csv import is_label_csv, read_label_csv
+from .data.scan import dataset_location, ignored_files_note, read_manifest, scan_class_folders
 from .errors import DatasetError
 from .inference import Backend, TorchBackend, predict_batches
 from .metrics import absent_classes_note, classification_metrics
@@ -21,9 +22,24 @@ def _run_manifest(art: Artifact, model_dir: Path | None, root: Path):
         return None
     manifest = Path(model_dir).parent / "manifest.csv"
     trained_on = art.config.get("data", {}).get("path")
-    if manifest.is_file() and trained_on and Path(trained_on).resolve() == root.resolve():
+    if manifest.is_file() and trained_on and Path(trained_on).expanduser().resolve() == root.resolve():
         return manifest
     return None
+
+
+def _label_csv_pairs(path: Path, manifest: Path | None) -> tuple[list, str]:
+    """(path, class) pairs of a label CSV to evaluate: the test split of the run's manifest when
+    the model was trained on this CSV, else the rows whose split is test (or val), else all."""
+    if manifest is not None:
+        pairs = [(p, c) for p, (c, s) in read_manifest(manifest, path.parent).items() if s == "test"]
+        if pairs:
+            return pairs, f"the test split of {manifest}"
+    rows = read_label_csv(path)
+    for split in ("test", "val"):
+        pairs = [(r.path, r.label) for r in rows if r.split == split]
+        if pairs:
+            return pairs, f"the {split} rows of {path}"
+    return [(r.path, r.label) for r in rows], f"all rows of {path}"
 
 
 def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | None = None):
@@ -31,15 +47,17 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
 
     A folder with test/ (or only val/) subfolders is evaluated on that split. A plain class-folder
     tree that the model was trained on is evaluated on the held-out test split of its manifest;
-    any other class-folder tree is evaluated in full."""
+    any other class-folder tree is evaluated in full. A label CSV likewise (_label_csv_pairs)."""
     reporter = reporter or Reporter()
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
-    manifest = _run_manifest(art, model_dir, root)
+    root = dataset_location(root)
+    manifest = _run_manifest(art, model_dir, root) if root.exists() else None
     pairs, what, ignored = None, None, []
+    if is_label_csv(root):
+        pairs, what = _label_csv_pairs(root, manifest)
+    elif not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
     for split in ("test", "val", "valid", "validation"):
-        if (root / split).is_dir():
+        if pairs is None and (root / split).is_dir():
             per_class = scan_class_folders(root / split, ignored)
             pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"{root / split}"
             break

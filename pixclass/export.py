@@ -21,7 +21,9 @@ import torch
 
 from . import artifact as artifact_io
 from .data.decode import decode_image
-from .data.scan import collect_image_paths
+from .data.label_csv import is_label_csv
+from .data.named import folder_of as named_folder, is_named
+from .data.scan import dataset_files
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError, first_line
 from .fastest_backend import export_onnx
@@ -88,11 +90,24 @@ def _inputs(paths: list[Path], pre: Preprocess) -> tuple[np.ndarray, list[int]]:
     return x.numpy(), kept
 
 
-def _run_data(art, model_dir: Path, data: Path | None):
+def _run_data(art, model_dir: Path, data: Path | None) -> Path:
+    """The folder or label CSV to verify on: --data, else the data the model was trained on."""
     root = data or art.config.get("data", {}).get("path")
-    if not root or not Path(root).is_dir():
-        raise UserError("no held-out data to verify the export on: pass --data DIR (labelled class folders)")
-    return Path(root)
+    location = _existing_location(root) if root else None
+    if location is None:
+        raise UserError("no held-out data to verify the export on: pass --data DIR (labelled class folders "
+                        "or a label CSV)")
+    return location
+
+
+def _existing_location(data) -> Path | None:
+    """Where a dataset argument's images are, if they are there now (a standard dataset only
+    from the cache: verifying an export downloads nothing)."""
+    if is_named(data):
+        folder = named_folder(data)
+        return folder if folder.is_dir() else None
+    location = Path(data).expanduser()
+    return location if location.is_dir() or is_label_csv(location) else None
 
 
 def held_out_set(art, model_dir: Path, data: Path | None, limit: int = 1000):
@@ -131,7 +146,7 @@ def verification_set(art, model_dir: Path, data: Path | None, calibration: list[
     root = _run_data(art, model_dir, data)
     held = {Path(p).resolve() for p in paths}
     avoid = {Path(p).resolve() for p in calibration}  # the quantizer's scales were set on these: easier
-    others = [p for p in collect_image_paths([root]) if p.resolve() not in held]
+    others = [p for p in dataset_files(root) if p.resolve() not in held]
     random.Random(0).shuffle(others)
     others.sort(key=lambda p: p.resolve() in avoid)
     extra = _inputs(others[:VERIFY_IMAGES - len(labels)], art.preprocess)[0]
@@ -145,8 +160,8 @@ def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -
     there (so that --data stays images the quantizer never saw), else DATA/train or DATA."""
     from .data.scan import scan_dataset
     trained_on = art.config.get("data", {}).get("path")
-    own = bool(trained_on) and Path(trained_on).is_dir()
-    root = Path(trained_on) if own else _run_data(art, model_dir, data)
+    own = bool(trained_on) and _existing_location(trained_on) is not None
+    root = _existing_location(trained_on) if own else _run_data(art, model_dir, data)
     manifest = Path(model_dir).parent / "manifest.csv"
     try:
         scanned = scan_dataset(root, manifest=manifest if own and manifest.is_file() else None)
@@ -154,7 +169,7 @@ def calibration_set(art, model_dir: Path, data: Path | None, count: int = 300) -
     except UserError:
         train = []
     if not train:
-        train = collect_image_paths([root])
+        train = dataset_files(root)
     return sorted(random.Random(0).sample(train, min(count, len(train))))
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import DatasetError, ImageDecodeError
+from ..errors import DatasetError, ImageDecodeError, UserError
 from .decode import DEFAULT_MAX_PIXELS, open_image
-from .scan import has_image_extension, split_folders, is_hidden
+from .label_csv import is_label_csv, read_label_csv
+from .scan import dataset_location, has_image_extension, split_folders, is_hidden
 
 NEAR_DUPLICATE_BITS = 4  # dHash Hamming distance at or below which two images count as near-duplicates
 
@@ -180,10 +181,14 @@ def _describe(group: list[FileInfo], match: str) -> dict:
 
 def audit(root, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, near_bits: int = NEAR_DUPLICATE_BITS,
           reporter=None) -> AuditReport:
-    root = Path(root).expanduser()
-    if not root.is_dir():
+    root = dataset_location(root)
+    if is_label_csv(root):
+        layout, tops, entries = "label-csv", {}, [(r.path, r.label, r.split or "all", False)
+                                                  for r in read_label_csv(root)]
+    elif not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
-    layout, tops, entries = _walk(root)
+    else:
+        layout, tops, entries = _walk(root)
     problems: dict[str, list[dict]] = defaultdict(list)
     files: list[FileInfo] = []
     hidden_dirs = set()
@@ -260,6 +265,9 @@ def audit(root, min_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, near_b
 
 
 def quarantine(report: AuditReport, folder: Path | None = None) -> tuple[Path, list[tuple[Path, Path, str]]]:
+    if report.layout == "label-csv":  # moving a file out would leave its row pointing at nothing
+        raise UserError(f"--fix quarantine moves files out of class folders; for the label CSV {report.root}, "
+                        f"remove the rows that audit.json lists instead")
     """Move the report's quarantine candidates into `folder` (default: DATA.quarantine beside
     the dataset), keeping their relative paths, and log each move in quarantine.csv."""
     folder = Path(folder) if folder else report.root.with_name(report.root.name + ".quarantine")

@@ -9,9 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageDecodeError
+from ..errors import DatasetError, ImageDecodeError
 from .decode import read_size
-from .scan import collect_image_paths, has_image_extension, is_hidden, split_folders
+from .label_csv import is_label_csv, read_label_csv
+from .scan import collect_image_paths, dataset_location, has_image_extension, is_hidden, split_folders
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,33 @@ def _class_images(folder: Path) -> list[Path]:
     return found or collect_image_paths([folder])
 
 
+def _csv_class_images(path: Path) -> list[list[Path]]:
+    """A label CSV's training images (all rows when none names a split), per class. A CSV that
+    cannot be read gives none: the scan that follows names the problem."""
+    try:
+        rows = read_label_csv(path)
+    except DatasetError:
+        return []
+    per_class: dict[str, list[Path]] = {}
+    for row in rows:
+        if row.split in (None, "train"):
+            per_class.setdefault(row.label, []).append(row.path)
+    return [sorted(files) for _, files in sorted(per_class.items())]
+
+
 def probe_image_sizes(root, sample: int = 200) -> SizeProbe:
     """The median side of about `sample` training images, spread evenly over the classes and
     within each class (the same files every time). A folder that is missing or holds no class
     folders gives an empty probe: the scan that follows names the problem."""
-    root = Path(root).expanduser()
+    root = dataset_location(root)
     try:
         splits = split_folders(root) if root.is_dir() else {}
-        folder = splits.get("train", root) if root.is_dir() else None
-        classes = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d)) if folder else []
-        per_class = [_class_images(d) for d in classes]
+        if is_label_csv(root):
+            per_class = _csv_class_images(root)
+        else:
+            folder = splits.get("train", root) if root.is_dir() else None
+            classes = sorted(d for d in folder.iterdir() if d.is_dir() and not is_hidden(d)) if folder else []
+            per_class = [_class_images(d) for d in classes]
     except OSError:
         return SizeProbe(None, 0, 0)
     quota = max(1, sample // max(1, len(per_class)))

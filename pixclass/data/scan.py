@@ -1,8 +1,11 @@
 """Find the images and classes in a dataset folder and assign each file to a split.
 
-Two layouts are understood:
+Three layouts are understood:
 - class folders directly under DATA: split here, stratified and seeded (70/15/15 by default);
-- DATA/train/<class>/..., with optional val|valid|validation/ and test/ subfolders.
+- DATA/train/<class>/..., with optional val|valid|validation/ and test/ subfolders;
+- a CSV of labels (DATA.csv: path,label[,split]; label_csv.py), split like class folders unless
+  its rows name their split.
+A standard dataset named "torchvision:NAME" is its split-folder copy in the cache (named.py).
 The split is written as a manifest (CSV: path, class, split); given an earlier manifest, every file
 listed there keeps its split and only new files are assigned.
 
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError, UserError
+from . import named
+from .label_csv import is_label_csv, read_label_csv
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -104,7 +110,7 @@ class ScannedDataset:
     root: Path
     classes: list[str]
     samples: list[Sample]
-    layout: str  # "class-folders" or "split-folders"
+    layout: str  # "class-folders", "split-folders" or "label-csv"
     empty_classes: list[str] = field(default_factory=list)  # folders without images: not classes
     ignored: list[Path] = field(default_factory=list)  # files in class folders without an image extension
 
@@ -191,46 +197,96 @@ def _assign_new_file(path: Path, fractions, seed: int) -> str:
     return "train" if x < f_train else "val" if x < f_train + f_val else "test"
 
 
+def dataset_location(data) -> Path:
+    """The folder or CSV file a dataset argument stands for: "torchvision:NAME" is the standard
+    dataset's class-folder copy in the cache, made now if missing; anything else is a path."""
+    return named.ensure(data) if named.is_named(data) else Path(data).expanduser()
+
+
+def dataset_name(data) -> str:
+    """A short name for a dataset argument, for run folders: the folder's, the CSV's stem, the
+    standard dataset's."""
+    if named.is_named(data):
+        return named.lookup(data).name
+    p = Path(data).expanduser().resolve()
+    return p.stem if p.suffix.lower() == ".csv" else p.name
+
+
+def dataset_files(location: Path) -> list[Path]:
+    """Every image of a dataset location (a folder or a label CSV), whatever its label or split."""
+    if is_label_csv(location):
+        return [row.path for row in read_label_csv(location)]
+    return collect_image_paths([location])
+
+
 def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Path | None = None) -> ScannedDataset:
-    root = Path(root).expanduser()
+    root = dataset_location(root)
+    if is_label_csv(root):
+        return _scan_label_csv(root, fractions, seed, manifest)
     _check_root(root)
     split_dirs = split_folders(root)
     if "train" in split_dirs:
-        return _scan_split_folders(root, split_dirs, fractions, seed)
-    ignored: list[Path] = []
+        ignored: list[Path] = []
+        tables = {split: scan_class_folders(d, ignored) for split, d in split_dirs.items()}
+        return _scan_given_splits(root, tables, split_dirs, fractions, seed, ignored, "split-folders")
+    ignored = []
     per_class = scan_class_folders(root, ignored)
-    empty = _check_classes(per_class, root, ignored)
+    return _scan_unsplit(root, per_class, root, fractions, seed, manifest, ignored, "class-folders")
+
+
+def _scan_unsplit(root: Path, per_class: dict[str, list[Path]], where, fractions, seed, manifest, ignored,
+                  layout: str) -> ScannedDataset:
+    """Split files that come with none: stratified and seeded, or as an earlier manifest says."""
+    empty = _check_classes(per_class, where, ignored)
     previous = read_manifest(manifest, root) if manifest else {}
     fresh = {label: [p for p in files if p not in previous] for label, files in per_class.items()}
     assignment = stratified_split(fresh, fractions, seed) if not previous else {
-        p: _assign_new_file(p.relative_to(root), fractions, seed) for files in fresh.values() for p in files}
+        p: _assign_new_file(Path(os.path.relpath(p, root)), fractions, seed) for files in fresh.values() for p in files}
     assignment.update({p: s for p, (_, s) in previous.items()})
     samples = [Sample(p, label, assignment[p]) for label, files in per_class.items() for p in files]
-    return ScannedDataset(root, sorted(per_class), samples, "class-folders", empty, ignored)
+    return ScannedDataset(root, sorted(per_class), samples, layout, empty, ignored)
 
 
-def _scan_split_folders(root: Path, split_dirs: dict[str, Path], fractions, seed) -> ScannedDataset:
-    ignored: list[Path] = []
-    train = scan_class_folders(split_dirs["train"], ignored)
-    empty = _check_classes(train, split_dirs["train"], ignored)
+def _scan_label_csv(path: Path, fractions, seed, manifest) -> ScannedDataset:
+    rows = read_label_csv(path)
+    given = {r.split is not None for r in rows}
+    if given == {True, False}:
+        raise DatasetError(f"{path}: some rows name a split and some do not; give every row a split or none")
+    # classes by name, files by path, as a folder scan lists them: the same images in a CSV and
+    # in folders give the same split and the same training order
+    tables: dict[str, dict[str, list[Path]]] = {}
+    for r in sorted(rows, key=lambda r: (r.label, r.path)):
+        tables.setdefault(r.split or "all", {}).setdefault(r.label, []).append(r.path)
+    if "all" in tables:
+        return _scan_unsplit(path.parent, tables["all"], path, fractions, seed, manifest, [], "label-csv")
+    if "train" not in tables:
+        raise DatasetError(f"{path}: no row has the split 'train'")
+    where = {split: f"{path} (split {split})" for split in tables}
+    return _scan_given_splits(path.parent, tables, where, fractions, seed, [], "label-csv")
+
+
+def _scan_given_splits(root: Path, tables: dict[str, dict[str, list[Path]]], where: dict, fractions, seed,
+                       ignored: list[Path], layout: str) -> ScannedDataset:
+    """Files whose split is given (folders or a CSV column); without a val split one is carved
+    out of train, stratified, unless --split asks for none."""
+    train = tables["train"]
+    empty = _check_classes(train, where["train"], ignored)
     classes = sorted(train)
     samples: list[Sample] = []
-    if "val" in split_dirs or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
+    if "val" in tables or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
         assignment = {p: "train" for files in train.values() for p in files}
     else:  # carve a validation set out of train/, stratified like a full split
         f_val = fractions[1] / (fractions[0] + fractions[1])
         assignment = stratified_split(train, (1 - f_val, f_val, 0.0), seed)
     samples += [Sample(p, label, assignment[p]) for label, files in train.items() for p in files]
     for split in ("val", "test"):
-        if split not in split_dirs:
-            continue
-        for label, files in scan_class_folders(split_dirs[split], ignored).items():
+        for label, files in tables.get(split, {}).items():
             if not files:
                 continue
             if label not in train:
-                raise DatasetError(f"class {label!r} in {split_dirs[split]} has no folder in {split_dirs['train']}")
+                raise DatasetError(f"class {label!r} in {where[split]} has no images in {where['train']}")
             samples += [Sample(p, label, split) for p in files]
-    return ScannedDataset(root, classes, samples, "split-folders", empty, ignored)
+    return ScannedDataset(root, classes, samples, layout, empty, ignored)
 
 
 def write_manifest(dataset: ScannedDataset, path: Path) -> None:
@@ -238,7 +294,8 @@ def write_manifest(dataset: ScannedDataset, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["path", "class", "split"])
         for s in dataset.samples:
-            writer.writerow([s.path.relative_to(dataset.root).as_posix(), s.label, s.split])
+            # relpath, not relative_to: a label CSV may list files outside its own folder
+            writer.writerow([Path(os.path.relpath(s.path, dataset.root)).as_posix(), s.label, s.split])
 
 
 def read_manifest(path: Path, root: Path) -> dict[Path, tuple[str, str]]:

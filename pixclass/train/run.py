@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..data.audit import quick_audit
 from ..data.dataset import PreparedData, prepare_data, report_skipped
 from ..data.decode import set_max_pixels
-from ..data.scan import scan_dataset
+from ..data.scan import dataset_name, scan_dataset
 from ..data.transforms import Preprocess
 from ..atomic_write import FileWriteError, describe_os_error
 from ..errors import UserError, first_line
@@ -111,7 +111,7 @@ def _claim_run_folder(cfg: RunConfig, out) -> ClaimedFolder:
     if out:
         folder = claim_folder(Path(out), CLAIM_FILE)
     else:
-        folder = claim_new_folder(Path(cfg.data.path).resolve().name, claim=CLAIM_FILE)
+        folder = claim_new_folder(dataset_name(cfg.data.path), claim=CLAIM_FILE)
     try:
         _write_run_files(folder.path, cfg)
     except UserError:
