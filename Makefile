@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # also the slow tests (CIFAR-10 and other long checks)
 test-all: install
