@@ -118,6 +118,9 @@ def train(
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
+    track: Optional[List[str]] = typer.Option(None, "--track", help="tensorboard | mlflow (repeatable): report the run "
+                                              "to TensorBoard (RUN/tensorboard/) or MLflow (MLFLOW_TRACKING_URI, "
+                                              "default sqlite:///mlflow.db here); needs pixclass[track]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config.yaml (e.g. from an earlier run)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: a new or empty folder; one holding anything is "
                                       "refused (default: runs/<data name>, or -2, -3... when taken)."),
@@ -144,7 +147,8 @@ def train(
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
                         budget=budget, freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
-                        max_memory=max_memory, recipe=recipe, precision=precision, device=device)
+                        max_memory=max_memory, recipe=recipe, precision=precision, device=device,
+                        track=tuple(track) if track else None)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet))
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
         return

@@ -118,6 +118,9 @@ class ModelConfig:
         _check(self.hidden > 0, "model.hidden must be > 0")
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = None  # None: 10 from scratch, 4 fine-tuning epochs for a pretrained backbone
@@ -162,8 +165,15 @@ class TrainConfig:
     feature_views: int | None = None  # augmented views per training image cached for frozen phases; None: planned
     finetune_lr: float | None = None  # head rate in fine-tuning (None: lr / 2, as fastai's fine_tune)
     lr_ratio: float = 0.1  # rate of the earliest unfrozen unit relative to the head's
+    # experiment trackers the run reports to (--track): "tensorboard" (event files in the run
+    # folder's tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, else mlflow's local default)
+    track: tuple[str, ...] = ()
 
     def __post_init__(self):
+        track = (self.track,) if isinstance(self.track, str) else self.track or ()  # YAML `track: mlflow`
+        object.__setattr__(self, "track", tuple(dict.fromkeys(str(t) for t in track)))
+        for tracker in self.track:
+            _check_choice("track", tracker, TRACKERS)
         _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})")
         _check(self.head_epochs is None or self.head_epochs >= 0, "head_epochs must be >= 0")
         _check(self.budget is None or 0 < self.budget <= 24 * 60,

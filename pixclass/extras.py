@@ -1,6 +1,6 @@
-"""Optional extras (`pip install 'pixclass[tflite]'`, `'pixclass[coreml]'`): imported only when a
-command needs them, quietly, and with a one-line install hint when missing. Shared by the
-exporters and by the LiteRT inference backend."""
+"""Optional extras (`pip install 'pixclass[tflite]'`, `'pixclass[coreml]'`, `'pixclass[track]'`):
+imported only when a command needs them, quietly, and with a one-line install hint when missing.
+Shared by the exporters, the LiteRT inference backend and experiment tracking."""
 
 from __future__ import annotations
 
@@ -41,4 +41,16 @@ def require(module: str, extra: str, what: str = "this export"):
         with captured_output():  # their import-time warnings and logs are noise to a user
             return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{what} needs {module.split('.')[0]}: pip install 'pixclass[{extra}]'") from None
+        raise _missing(module, extra, what) from None
+
+
+def require_installed(module: str, extra: str, what: str) -> None:
+    """`require`'s UserError when `module` is not installed, found without importing it: a check
+    made before work begins, for a library imported later (and only where it is used)."""
+    import importlib.util
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise _missing(module, extra, what)
+
+
+def _missing(module: str, extra: str, what: str) -> UserError:
+    return UserError(f"{what} needs {module.split('.')[0]}: pip install 'pixclass[{extra}]'")

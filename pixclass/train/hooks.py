@@ -1,9 +1,10 @@
 """What a training run does around the step loop, as hooks the Trainer calls: checkpoints and the
-history file. A phase that should leave no checkpoint (or a rank that writes nothing) simply gets
-no hook; the Trainer itself knows nothing about files.
+history file here, experiment tracking in tracking.py. A phase that should leave no checkpoint (or
+a rank that writes nothing) simply gets no hook; the Trainer itself knows nothing about files.
 
 A hook may implement any of: `after_step(trainer)` (the loop state is consistent and resumable
-mid-epoch), `after_epoch(trainer, row, last)` (`last`: the phase ends after this epoch)."""
+mid-epoch), `after_epoch(trainer, row, last)` (`last`: the phase ends after this epoch; `trainer`
+is None from a recipe with a loop of its own, the fast one)."""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from . import distributed
 from .budget import Budget
 from .checkpoint import load_checkpoint
 from .recipes import FitResult, Job, choose_recipe
+from .tracking import Tracking, check_installed
 
 FAILED_FILE = "failed.txt"  # in the folder of a run that stopped before it finished: why, and what next
 
@@ -47,6 +48,7 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
     """Train as `cfg` says; returns the run's summary (on ranks other than 0: {"rank": N})."""
     dist = distributed.from_env()
     reporter = reporter or Reporter()
+    check_installed(cfg)
     chosen_here = not cfg.train.recipe_reason  # a reason already there came with a --config or --resume
     model_chosen = cfg.model.name == "auto"  # not named: the recipe's plan may choose the network
     cfg, family, recipe = choose_recipe(cfg, dist)
@@ -83,16 +85,21 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     # run started meanwhile can choose the same folder (only rank 0 writes one)
     folder = _claim_run_folder(cfg, out) if resumed is None and dist.main else None
     run_dir = resumed.run_dir if resumed is not None else folder.path if folder is not None else None
-    job = None
+    job, tracking = None, Tracking()
     try:
         job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device, budget,
                        model_chosen and resumed is None)
+        if dist.main and cfg.train.track:  # once the config is resolved: it is what the trackers record
+            tracking = Tracking(job.cfg, run_dir, reporter, resumed=resumed is not None)
+            job.hooks.append(tracking)
         result = recipe.fit(job)
         if not dist.main:  # rank 0 evaluates and writes the run folder
             distributed.shutdown(dist)
             return {"rank": dist.rank, "epochs_run": len(result.history)}
         summary = _finish(job, result, run_dir, plotter, started)
+        tracking.finish(job.cfg, summary, run_dir)
     except (Exception, KeyboardInterrupt) as e:
+        tracking.close(failed=True)
         if folder is not None and not _trained_anything(run_dir):  # the same --out works next time
             folder.release(written=("manifest.csv",))
             raise
@@ -102,6 +109,7 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
         if stopped is None:
             raise
         raise stopped from None
+    tracking.close(failed=False)
     distributed.shutdown(dist)
     return summary
 

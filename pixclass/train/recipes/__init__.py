@@ -53,6 +53,9 @@ class Job:
     resume_from: Path | None = None
     early: object = None  # what the recipe's `start_early` began (e.g. decoding ahead)
     budget: object = None  # train.budget.Budget: the run's time budget, from its start
+    # hooks of the whole run (experiment tracking) that every recipe adds to its own, in every
+    # phase; empty on ranks other than 0
+    hooks: list = field(default_factory=list)
 
     def record(self, cfg: RunConfig) -> None:
         """Take `cfg` (with what the recipe planned once training began) as the run's config, and

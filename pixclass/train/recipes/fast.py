@@ -168,7 +168,7 @@ class FastRecipe(Recipe):
         # with the epochs left to the budget, the schedule shortens itself to fit (see fit_fast)
         budget = job.budget if epochs is None else None
         result = fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
-                          job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget)
+                          job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget, hooks=job.hooks)
         if budget is not None:
             run = len(result.history)
             job.record(job.cfg.replace("train", epochs=run, plan=f"{budget.minutes:g} min budget: {run} of the "
@@ -180,11 +180,12 @@ RECIPE = FastRecipe()
 
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
-             hyp: FastHyper = FastHyper(), budget=None) -> FitResult:
+             hyp: FastHyper = FastHyper(), budget=None, hooks=()) -> FitResult:
     """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA.
     With a `budget` (train.budget.Budget), after each epoch the schedule is shortened to the epochs
     that still fit it: the learning-rate and averaging curves are functions of the share of steps
-    done, so they stretch to the new length and still end annealed."""
+    done, so they stretch to the new length and still end annealed. `hooks` get `after_epoch`
+    (hooks.py) with no Trainer: this loop is its own."""
     pre = data.preprocess
     dtype = resolve_precision(precision)
     train = data.train
@@ -248,6 +249,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         history.append(row)
         if run_dir is not None:
             write_history(history, Path(run_dir) / "metrics.csv")
+        for hook in hooks:
+            hook.after_epoch(None, row, epoch + 1 >= epochs)
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                 if v is not None and k not in ("phase",)))
         epoch += 1

@@ -26,6 +26,7 @@ class ScratchRecipe(Recipe):
             raise UserError("epochs must be >= 1 when training from scratch")
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or EPOCHS)
         hooks = [Checkpoints(job.run_dir, extra=job.checkpoint_extra), HistoryFile(job.run_dir)] if job.run_dir else []
+        hooks += job.hooks
         trainer = Trainer(job.model, job.data.train, job.data.val, train_cfg,
                           ImageInputs(job.data.preprocess, build_augment(cfg.augment)), job.reporter, hooks=hooks,
                           dist=job.dist, device=job.device)

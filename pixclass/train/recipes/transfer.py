@@ -196,11 +196,12 @@ class TransferRecipe(Recipe):
 
 
 def _phase_hooks(job: Job, last_phase: bool) -> list:
-    """Checkpoints of the whole model (each phase trains a part of it) and the history file."""
+    """Checkpoints of the whole model (each phase trains a part of it), the history file and the
+    run's own hooks."""
     if job.run_dir is None:
         return []
     return [Checkpoints(job.run_dir, saved_model=job.model, extra=job.checkpoint_extra, at_phase_end=last_phase),
-            HistoryFile(job.run_dir)]
+            HistoryFile(job.run_dir), *job.hooks]
 
 
 def _features(job: Job, frozen_cut: int) -> tuple[dict, list]:
