@@ -3,7 +3,8 @@ MLflow model and is run when it is loaded; no pickle): `mlflow.pyfunc.load_model
 whose `predict` takes image paths (a list of paths, or a one-column DataFrame of them) and returns
 the predicted class name of each, in order. The model folder itself is the MLflow model's
 artifact "model_dir"; predictions go through pixclass's own Predictor, so they are what
-`pixclass predict` gives. Imported by MLflow only: it imports mlflow at the top."""
+`pixclass predict` gives. Imported only where mlflow already is (the MLflow tracker, MLflow
+loading the model): it imports mlflow at the top."""
 
 from __future__ import annotations
 
