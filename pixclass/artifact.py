@@ -75,6 +75,16 @@ def save(artifact: Artifact, folder) -> Path:
     return folder
 
 
+def files_digest(folder) -> str:
+    """SHA-256 of the model folder's two files: which model answered, whatever the folder is called."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in (META_FILE, WEIGHTS_FILE):
+        data = (Path(folder) / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
 def load(folder) -> Artifact:
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE

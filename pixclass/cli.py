@@ -471,20 +471,35 @@ def serve(
     backend: str = typer.Option("auto", "--backend",
                                 help="auto: ONNX Runtime when the model's export answers like PyTorch, else "
                                      "PyTorch; or onnxruntime, torch."),
+    log_db: Optional[str] = typer.Option(None, "--log-db", metavar="URL",
+                                         help="Log every prediction to this database: a SQLAlchemy URL "
+                                              "(sqlite:///FILE, postgresql://...) or a SQLite file."),
+    log_images: bool = typer.Option(False, "--log-images", help="Also store each image (for `pixclass feedback export`)."),
+    log_image_limit_kb: int = typer.Option(1024, "--log-image-limit-kb", min=1,
+                                           help="Images larger than this are logged without their bytes."),
+    log_queue: int = typer.Option(1000, "--log-queue", min=1,
+                                  help="Predictions that may wait for the database; beyond, they are dropped and counted."),
 ):
     """Serve the model: an upload page at / and a JSON API under /v1 (docs at /docs)."""
     import json
     import os
     from dataclasses import asdict
 
+    if log_images and not log_db:
+        raise UserError("--log-images needs --log-db URL")
+    if log_db:
+        # reachable, and at the current schema before the workers start (not each one migrating)
+        from .serve.log_db import open_log
+        open_log(log_db, create=True).dispose()
+
     import uvicorn
 
     from .data.decode import DEFAULT_MAX_PIXELS
     from .serve.app import Settings, available_cores
-
     settings = Settings(model=str(model), token=token, max_upload_mb=max_upload_mb,
                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
-                        model_threads=max(1, available_cores() // workers), **_serving_backend(model, backend))
+                        model_threads=max(1, available_cores() // workers), log_db=log_db, log_images=log_images,
+                        log_image_limit_kb=log_image_limit_kb, log_queue=log_queue, **_serving_backend(model, backend))
     os.environ["PIXCLASS_SERVE_SETTINGS"] = json.dumps(asdict(settings))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
     # was there before it: make that one a no-op so a clean shutdown exits with 0
@@ -503,6 +518,33 @@ def _serving_backend(model: Path, backend: str) -> dict:
     artifact_io.load(model)  # the service needs the saved model folder itself (explain, /v1/model)
     choice = open_fastest(model, backend)
     return {"backend": choice.backend.name, "backend_reason": choice.reason}
+
+
+feedback_app = typer.Typer(no_args_is_help=True,
+                           help="Corrections sent to `pixclass serve --log-db` (POST /v1/feedback).")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    url: str = typer.Argument(..., help="The prediction log: a SQLAlchemy URL or a SQLite file."),
+    out_dir: Path = typer.Argument(..., help="Where the class folders go (created; existing files are kept)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Write the corrected images (feedback on predictions logged with --log-images) as class folders for `pixclass train`."""
+    from dataclasses import asdict
+
+    from .progress import console
+    from .serve.feedback_export import export_corrections
+
+    result = export_corrections(url, out_dir)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    written = sum(result.written.values())
+    console.print(f"wrote {written} image(s) into {len(result.written)} class folder(s) under {result.out_dir}"
+                  f" ({result.already_there} already there, {result.without_image} corrected without a stored image)",
+                  markup=False)
 
 
 @app.command()

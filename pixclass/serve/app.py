@@ -1,7 +1,8 @@
 """`pixclass serve`: FastAPI over a saved model.
 
 Routes: POST /v1/predict (one or more files), POST /v1/explain (Grad-CAM overlay PNG),
-GET /v1/model, GET /healthz, GET /readyz, GET /metrics (Prometheus), GET / (the upload page).
+GET /v1/model, GET /healthz, GET /readyz, GET /metrics (Prometheus), GET / (the upload page); with a
+prediction log (`log_db`), POST /v1/feedback and GET /v1/predictions (log_routes.py).
 Every error answers with one JSON shape, `{"error": code, "detail": text}` (errors.py): 413 for a
 body over the upload limit (body_limit.py), for an image over the pixel limit and for a request
 whose images together pass the request's pixel budget (judged from the headers, uploads.py), 415
@@ -18,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import re
+import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files as package_files
@@ -25,20 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, Header, Query, UploadFile
+from fastapi import BackgroundTasks, Depends, FastAPI, File, Header, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ..data.decode import DEFAULT_MAX_PIXELS
 from .batching import Batcher
 from .body_limit import BodyLimit
 from .errors import ApiError, ErrorBody, errors_in_openapi, install_error_handlers
 from .metrics import Metrics
-from .uploads import UploadDecoder
+from .uploads import UploadDecoder, read
 
 # a request's images may add up to this many times the per-image pixel limit (unless set): room for
 # a batch of phone photos, not for dozens of images at the limit
 REQUEST_PIXELS_FACTOR = 4
+# a request id taken from the client's X-Request-ID header; anything else is replaced by a new one
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,11 @@ class Settings:
     # batcher already gathers concurrent requests into one call, so one call at a time on the
     # cores is what the model needs; `--workers N` gives each worker its share
     model_threads: int | None = None
+    # the prediction log (prediction_log.py): a SQLAlchemy URL or a SQLite file; None: no log
+    log_db: str | None = None
+    log_images: bool = False  # also store each image's bytes, when not over log_image_limit_kb
+    log_image_limit_kb: int = 1024
+    log_queue: int = 1000  # predictions that may wait for the database; beyond, they are dropped and counted
 
     @property
     def request_pixels(self) -> int:
@@ -66,6 +77,7 @@ class Settings:
 
 
 class FilePrediction(BaseModel):
+    id: str = Field(description="this prediction's id: the key for POST /v1/feedback when the service logs predictions")
     filename: str
     top_k: list[dict]
 
@@ -73,6 +85,7 @@ class FilePrediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     version: str
+    request_id: str = Field(description="the request's X-Request-ID header when it sent a usable one, else a new id")
     predictions: list[FilePrediction]
 
 
@@ -109,6 +122,10 @@ def create_app(settings: Settings) -> FastAPI:
     batch_sizes = Histogram("pixclass_batch_size", "images per model call", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     state: dict = {"ready": False}
+    log = None
+    if settings.log_db:
+        from .prediction_log import open_for_service
+        log = open_for_service(settings.log_db, settings.log_queue, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,7 +135,10 @@ def create_app(settings: Settings) -> FastAPI:
         backend = choice.backend
         weights = Path(settings.model) / artifact_io.WEIGHTS_FILE
         state.update(art=art, backend=backend, backend_reason=settings.backend_reason or choice.reason,
-                     version=hashlib.sha256(weights.read_bytes()).hexdigest()[:12])
+                     version=hashlib.sha256(weights.read_bytes()).hexdigest()[:12],
+                     digest=artifact_io.files_digest(settings.model))
+        if log is not None:
+            await loop.run_in_executor(None, log.start)
         state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
@@ -130,6 +150,8 @@ def create_app(settings: Settings) -> FastAPI:
         state["ready"] = False
         await state["batcher"].stop()
         state["decoder"].close()
+        if log is not None:
+            await loop.run_in_executor(None, log.stop)
 
     app = FastAPI(title="pixclass", version="1", lifespan=lifespan, description=_description(settings))
     install_error_handlers(app)
@@ -147,14 +169,31 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=v1,
               responses=_errors(400, 401, 413, 415, 422, 503))
-    async def predict(files: list[UploadFile] = File(..., description="one or more images"),
-                      k: int = Query(settings.top_k, ge=1, le=1000, description="how many classes per image")):
-        tensors = await state["decoder"].tensors(files)
-        probs = await state["batcher"].submit(tensors)
+    async def predict(response: Response, background: BackgroundTasks,
+                      files: list[UploadFile] = File(..., description="one or more images"),
+                      k: int = Query(settings.top_k, ge=1, le=1000, description="how many classes per image"),
+                      x_request_id: str | None = Header(None, description="kept as the request's id when usable")):
+        start = time.perf_counter()
+        names = [f.filename or "" for f in files]
+        contents = await read(files)
+        probs = await state["batcher"].submit(await state["decoder"].decode(names, contents))
         classes = state["art"].classes
-        return {"model": state["art"].arch["name"], "version": state["version"],
-                "predictions": [{"filename": f.filename or "", "top_k": top_k(p, classes, min(k, len(classes)))}
-                                for f, p in zip(files, probs)]}
+        answers = [top_k(p, classes, min(k, len(classes))) for p in probs]
+        request_id = x_request_id if x_request_id and REQUEST_ID.fullmatch(x_request_id) else uuid.uuid4().hex
+        ids = [uuid.uuid4().hex for _ in files]
+        response.headers["X-Request-ID"] = request_id
+        if log is not None:  # after the answer is sent: hashing the images is not the client's wait
+            background.add_task(log_predictions, ids, request_id, names, contents, answers,
+                                1000 * (time.perf_counter() - start))
+        return {"model": state["art"].arch["name"], "version": state["version"], "request_id": request_id,
+                "predictions": [{"id": i, "filename": n, "top_k": a} for i, n, a in zip(ids, names, answers)]}
+
+    async def log_predictions(*request) -> None:
+        from .prediction_log import prediction_rows
+        limit = settings.log_image_limit_kb * 1024 if settings.log_images else None
+        rows = await asyncio.get_running_loop().run_in_executor(
+            state["decoder"].executor, prediction_rows, *request, state["digest"], limit)
+        log.submit(rows)
 
     @app.post("/v1/explain", dependencies=v1, responses={200: {"content": {"image/png": {}}},
                                                          **_errors(400, 401, 413, 415, 422, 503)})
@@ -179,10 +218,14 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/model", dependencies=v1, responses=_errors(401, 503))
     async def model_info():
         art = state["art"]
-        return {"name": art.arch["name"], "version": state["version"], "classes": art.classes,
+        return {"name": art.arch["name"], "version": state["version"], "digest": state["digest"], "classes": art.classes,
                 "preprocess": art.preprocess.to_dict(), "tta": art.tta, "metrics": art.metrics,
                 "versions": art.versions,
                 "backend": {"name": state["backend"].name, "reason": state["backend_reason"]}}
+
+    if log is not None:
+        from .log_routes import log_router
+        app.include_router(log_router(log, lambda: state["art"].classes, v1))
 
     @app.get("/healthz")
     async def healthz():

@@ -24,6 +24,10 @@ from .errors import ApiError
 _STATUS = {"unsupported": (415, "unsupported_format"), "too_large": (413, "too_large")}
 
 
+async def read(uploads: list[UploadFile]) -> list[bytes]:
+    return [await upload.read() for upload in uploads]
+
+
 class UploadDecoder:
     def __init__(self, preprocess, max_pixels: int, max_request_pixels: int, workers: int | None = None):
         self.preprocess, self.max_pixels, self.max_request_pixels = preprocess, max_pixels, max_request_pixels
@@ -35,9 +39,11 @@ class UploadDecoder:
 
     async def tensors(self, uploads: list[UploadFile]) -> list[torch.Tensor]:
         """C x size x size uint8 tensors, one per upload; ApiError (413, 415, 422) otherwise."""
+        return await self.decode([upload.filename or "<upload>" for upload in uploads], await read(uploads))
+
+    async def decode(self, names: list[str], contents: list[bytes]) -> list[torch.Tensor]:
+        """`tensors` for files already read (named for the error messages)."""
         loop = asyncio.get_running_loop()
-        contents = [await upload.read() for upload in uploads]
-        names = [upload.filename or "<upload>" for upload in uploads]
         await loop.run_in_executor(self.executor, self._check_request_pixels, contents)
         results = await asyncio.gather(*(loop.run_in_executor(self.executor, self._decode, name, data)
                                          for name, data in zip(names, contents)), return_exceptions=True)
