@@ -176,7 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
         start = time.perf_counter()
         names = [f.filename or "" for f in files]
         contents = await read(files)
-        probs = await state["batcher"].submit(await state["decoder"].decode(names, contents))
+        probs = await state["batcher"].submit(await state["decoder"].decode([n or "<upload>" for n in names], contents))
         classes = state["art"].classes
         answers = [top_k(p, classes, min(k, len(classes))) for p in probs]
         request_id = x_request_id if x_request_id and REQUEST_ID.fullmatch(x_request_id) else uuid.uuid4().hex

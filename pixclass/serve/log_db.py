@@ -111,6 +111,7 @@ def open_log(text: str, *, create: bool) -> sa.Engine:
     if url.get_backend_name() == "sqlite" and not create:
         if not url.database or not Path(url.database).is_file():
             raise UserError(f"no such prediction log: {url.database or shown(url)}")
+    from alembic.util import CommandError
     engine = open_engine(url)
     try:
         if create:
@@ -121,6 +122,9 @@ def open_log(text: str, *, create: bool) -> sa.Engine:
     except exc.SQLAlchemyError as e:
         engine.dispose()
         raise UserError(f"prediction log {shown(url)}: {first_line(getattr(e, 'orig', None) or e)}") from None
+    except CommandError as e:  # e.g. a revision this pixclass does not know: written by a newer one
+        engine.dispose()
+        raise UserError(f"prediction log {shown(url)}: {first_line(e)} (a newer pixclass's schema?)") from None
     return engine
 
 
