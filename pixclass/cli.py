@@ -106,6 +106,10 @@ def train(
                                            "fit (default: 5 for transfer learning; the fast recipe's full schedule, "
                                            "at most 15)."),
     freeze: bool = typer.Option(False, "--freeze", help="Feature extractor: train only the head."),
+    adversarial: bool = typer.Option(False, "--adversarial", help="Adversarial training (fast FGSM with a random "
+                                     "start, ART): robust to small perturbations; the report adds PGD accuracy."),
+    adversarial_eps: Optional[float] = typer.Option(None, "--adversarial-eps", help="Its ε in 1/255 pixel steps "
+                                                    "(default 2)."),
     head_epochs: Optional[int] = typer.Option(None, "--head-epochs", help="Epochs with the backbone frozen."),
     unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Fine-tune: auto, all, or the last N units."),
     feature_views: Optional[int] = typer.Option(None, "--feature-views", help="Augmented views cached per image."),
@@ -145,7 +149,8 @@ def train(
                         schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
                         monitor=monitor, split=split, manifest=str(manifest) if manifest else None, seed=seed,
                         threads=threads, pretrained=pretrained, weights=str(weights) if weights else None,
-                        budget=budget, freeze=freeze or None, head_epochs=head_epochs, unfreeze=unfreeze,
+                        budget=budget, freeze=freeze or None, adversarial=adversarial or None,
+                        adversarial_eps=adversarial_eps, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
                         max_memory=max_memory, recipe=recipe, precision=precision, device=device,
                         track=tuple(track) if track else None)
@@ -333,6 +338,43 @@ def _print_predictions(results: list[dict]) -> None:
     # piped output is not cut to 80 columns: a path split over lines is useless to grep
     width = None if sys.stdout.isatty() else max((len(r["path"]) for r in results), default=0) + 80
     Console(highlight=False, width=width).print(table)
+
+
+@app.command()
+def robustness(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    data: Path = typer.Argument(..., help="Labelled class folders (or a folder with test/), as for evaluate."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write robustness.json and robustness.html."),
+    limit: int = typer.Option(200, "--limit", "-n", min=0, help="Images drawn at random from DATA (0: all of them)."),
+    eps: str = typer.Option("1,2,4,8", "--eps", help="Attack sizes in 1/255 pixel steps (L∞), comma-separated."),
+    pgd_steps: int = typer.Option(10, "--pgd-steps", min=1, help="PGD iterations (each of ε/4)."),
+    seed: int = typer.Option(0, "--seed", help="Which images are drawn, the noise and PGD's random starts."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON to stdout."),
+):
+    """Accuracy under common corruptions (noise, blur, JPEG, brightness, contrast, rotation) and
+    under FGSM and PGD attacks (Adversarial Robustness Toolbox), as robustness.html and .json."""
+    from . import artifact as artifact_io
+    from .extras import require
+    from .progress import Reporter, console
+    from .robustness import parse_eps, run_robustness
+    from .runs import new_run_dir
+
+    check_output_location(out)
+    eps_255 = parse_eps(eps)
+    require("art", "robust", "pixclass robustness")
+    art = artifact_io.load(model)
+    out = out or new_run_dir(f"robustness-{Path(data).resolve().name}")
+    results = run_robustness(art, data, out, model_dir=model, limit=limit or None, eps_255=eps_255, steps=pgd_steps,
+                             seed=seed, reporter=Reporter(quiet or as_json))
+    if as_json:
+        _print_json(results)
+    elif not quiet:
+        attacks = "  ".join(f"{name.upper()} {r['eps_255']:g}/255 {r['accuracy']:.3f}"
+                            for name, rows in results["attacks"].items() for r in rows)
+        console.print(f"clean accuracy {results['clean_accuracy']:.4f}  mean under corruptions "
+                      f"{results['mean_corruption_accuracy']:.4f}  ({results['images']} images)\n{attacks}\n"
+                      f"report: {results['report']}", markup=False)
 
 
 @app.command()

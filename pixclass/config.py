@@ -168,6 +168,11 @@ class TrainConfig:
     # experiment trackers the run reports to (--track): "tensorboard" (event files in the run
     # folder's tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, else mlflow's local default)
     track: tuple[str, ...] = ()
+    # adversarial training (--adversarial): every training batch replaced by its fast-FGSM version
+    # (random start, one step of 1.25 eps) at `adversarial_eps` pixel steps of 1/255, L-infinity;
+    # the report adds the held-out accuracy under PGD at that eps
+    adversarial: bool = False
+    adversarial_eps: float = 2.0
 
     def __post_init__(self):
         track = (self.track,) if isinstance(self.track, str) else self.track or ()  # YAML `track: mlflow`
@@ -184,6 +189,9 @@ class TrainConfig:
         _check(self.feature_views is None or self.feature_views >= 0, "feature_views must be >= 0")
         _check(self.finetune_lr is None or self.finetune_lr > 0, "finetune_lr must be > 0")
         _check(0 < self.lr_ratio <= 1, "lr_ratio must be in (0, 1]")
+        _check(isinstance(self.adversarial, bool), f"adversarial must be true or false (got {self.adversarial!r})")
+        _check(isinstance(self.adversarial_eps, (int, float)) and 0 < self.adversarial_eps <= 64,
+               f"adversarial_eps must be in (0, 64] (1/255 pixel steps; got {self.adversarial_eps!r})")
         _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
         _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))

@@ -107,3 +107,27 @@ def image_gallery(items: list[tuple[np.ndarray, str]], path: Path, cols: int = 4
             draw.text((x, y + tile + 3 + i * line_h), text, fill="black", font=font)
     sheet.save(path, compress_level=1)
     return path
+
+
+def robustness_curves(results: dict, path: Path) -> Path:
+    """Accuracy against corruption severity (one line per corruption) and against the attacks' ε."""
+    fig = new_figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    clean = results["clean_accuracy"]
+    for name, c in results["corruptions"].items():
+        rows = c["severities"]
+        left.plot([0] + [r["severity"] for r in rows], [clean] + [r["accuracy"] for r in rows], "o-", label=name)
+    left.set_xlabel("severity (0: clean)")
+    left.set_xticks(range(0, 1 + max(len(c["severities"]) for c in results["corruptions"].values())))
+    left.set_title("common corruptions")
+    for name, rows in results["attacks"].items():
+        right.plot([0] + [r["eps_255"] for r in rows], [clean] + [r["accuracy"] for r in rows], "o-", label=name.upper())
+    right.set_xlabel("ε (1/255 pixel steps)")
+    right.set_title("adversarial attacks (L∞)")
+    for ax in (left, right):
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, path, 100)

@@ -31,15 +31,26 @@ def _evaluated_on(metrics: dict) -> str:
     return metrics.get("evaluated_on") or "the given data"
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(Path(path).name)}">'
 
 
-def _table(rows: list[list], header: list[str]) -> str:
+def html_table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+         "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;"
+         "margin:4px}section{margin-bottom:2em}pre{background:#f6f6f6;padding:8px}")
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained page (no external resource) in the style of every pixclass report."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
 
 def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[Path | None, list[dict]]:
@@ -110,14 +121,14 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     info.update({"model": art.arch["name"], "test-time augmentation": art.tta, "classes": len(classes), "input": f"{art.preprocess.channels}x"
                  f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{_evaluated_on(metrics)} "
                  f"({metrics['n']} images)"})
-    s["summary"] = _table([[k, v] for k, v in info.items()], ["", ""]) + \
+    s["summary"] = html_table([[k, v] for k, v in info.items()], ["", ""]) + \
         f"<details><summary>config</summary><pre>{html.escape(yaml.safe_dump(art.config or {}, sort_keys=False))}</pre></details>"
     if counts:
         splits = sorted({sp for v in counts.values() for sp in v})
-        s["data"] = _table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
+        s["data"] = html_table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
     else:
         s["data"] = "<p>per-class counts of the evaluated images are in the per-class table (support)</p>"
-    s["curves"] = _img(figs["curves"]) if history else "<p>no training history (an evaluation of a saved model)</p>"
+    s["curves"] = img_tag(figs["curves"]) if history else "<p>no training history (an evaluation of a saved model)</p>"
     topk = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
     headline = [["accuracy", f"{metrics['accuracy']:.4f}"], ["loss", f"{metrics['loss']:.4f}"],
                 ["macro F1", f"{metrics['macro_f1']:.4f}"], ["images", metrics["n"]]]
@@ -125,31 +136,31 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
         headline.insert(1, [topk.replace("_", " "), f"{metrics[topk]:.4f}"])
     if "accuracy_without_tta" in metrics:
         headline.insert(1, ["accuracy without TTA", f"{metrics['accuracy_without_tta']:.4f}"])
-    s["metrics"] = _table(headline, ["metric", "value"])
+    robust = metrics.get("adversarial")
+    if robust:  # a model trained with --adversarial: its accuracy under the attack beside the clean one
+        headline.insert(1, [f"accuracy under {robust['attack']} ε={robust['eps_255']:g}/255 ({robust['n']} images)",
+                            f"{robust['accuracy']:.4f}"])
+    s["metrics"] = html_table(headline, ["metric", "value"])
     if metrics.get("absent_classes"):
         s["metrics"] += (f"<p>not evaluated (no image of theirs in {html.escape(_evaluated_on(metrics))}): "
                          f"<b>{html.escape(', '.join(metrics['absent_classes']))}</b>; macro F1 is over the other "
                          f"classes</p>")
-    s["per-class"] = _table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+    s["per-class"] = html_table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                              for r in metrics["per_class"]], ["class", "precision", "recall", "F1", "support"])
-    s["confusion"] = _img(figs["confusion"]) + _img(figs["confusion_norm"])
-    s["confused-pairs"] = _table([[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in pairs],
+    s["confusion"] = img_tag(figs["confusion"]) + img_tag(figs["confusion_norm"])
+    s["confused-pairs"] = html_table([[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.1%}"] for p in pairs],
                                  ["true", "predicted as", "count", "share of true class"]) if pairs else \
         "<p>no confusions</p>"
-    s["top-losses"] = (_img(gallery) if gallery else "") + _table(
+    s["top-losses"] = (img_tag(gallery) if gallery else "") + html_table(
         [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
         ["image", "true", "predicted", "probability", "loss"])
-    s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + _img(figs["reliability"])
+    s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + img_tag(figs["reliability"])
     titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves",
               "metrics": metrics_section_title(metrics), "per-class": "Per-class precision, recall, F1",
               "confusion": "Confusion matrix",
               "confused-pairs": "Most-confused pairs", "top-losses": "Worst-scored images (top losses, Grad-CAM)",
               "calibration": "Calibration"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{s[k]}</section>' for k in SECTIONS)
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
-             "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%;"
-             "margin:4px}section{margin-bottom:2em}pre{background:#f6f6f6;padding:8px}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    page = html_page(title, body)
     (out / "report.html").write_text(page)
     return out / "report.html"

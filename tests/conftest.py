@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,32 @@ def run_cli(*args, cwd=None):
     import subprocess
     return subprocess.run([sys.executable, "-m", "pixclass", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
+
+
+def chromium_path():
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+needs_chromium = pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed")
+
+
+@contextmanager
+def chromium_page(uri: str, errors: list):
+    """A headless Chromium page (Debian's, through playwright) opened at `uri`; the console's
+    errors and the page's exceptions are appended to `errors`."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(uri)
+        try:
+            yield page
+        finally:
+            browser.close()
 
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hymenoptera.tar.gz"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli, subset
+from conftest import chromium_page, needs_chromium, run_cli, subset
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 OUTPUT = Path(__file__).resolve().parent / "output"  # screenshots and figures a person may look at
@@ -106,14 +106,8 @@ def test_own_gradcam_equals_pytorch_grad_cam(trained_run, shapes_session):
         assert np.abs(maps - expected).max() < 1e-3 and np.abs(class_one - expected_one).max() < 1e-3
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed")
+@needs_chromium
 def test_report_renders_in_chromium_with_every_section(trained_run):
-    from playwright.sync_api import sync_playwright
-
     from pixclass.report import SECTIONS
     report = Path(trained_run["run_dir"]) / "report.html"
     assert Path(trained_run["report"]) == report
@@ -122,19 +116,12 @@ def test_report_renders_in_chromium_with_every_section(trained_run):
         assert (report.parent / png).is_file(), png
     OUTPUT.mkdir(exist_ok=True)
     errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(report.as_uri())
+    with chromium_page(report.as_uri(), errors) as page:
         for section in SECTIONS:
             assert page.locator(f"section#{section} h2").count() == 1, section
         assert page.locator("section#top-losses img").count() == 1
         assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(OUTPUT / "report.png"), full_page=True)
-        browser.close()
     assert errors == []
     assert "http" not in report.read_text().replace("http-equiv", "")  # self-contained: nothing fetched
 

@@ -56,7 +56,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, reporter: Reporter | None = None,
                  hooks=(), phase: str = "train", history: list | None = None, param_groups: list[dict] | None = None,
-                 dist=None, device: torch.device | None = None, deadline: float | None = None):
+                 dist=None, device: torch.device | None = None, deadline: float | None = None, adversary=None):
+        """`adversary`: model -> an attack (adversarial.FastAdversary) whose versions of the
+        training batches the steps learn from (adversarial training), made once the model is on
+        its device."""
         self.device = torch.device(device or "cpu")
         # time.perf_counter() by which the phase must end (a run's --budget): an epoch that would
         # end after it is not started, so the phase stops with its best epoch so far
@@ -72,6 +75,7 @@ class Trainer:
         self.amp_dtype = training_autocast(cfg.precision, self.device)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.adversary = adversary(self.model) if adversary is not None else None
         self.train, self.val, self.cfg, self.inputs = train, val, cfg, inputs
         self.reporter = reporter or Reporter()
         self.hooks, self.phase = list(hooks), phase
@@ -155,6 +159,8 @@ class Trainer:
                     part = self.dist.shard(global_batch)
                     x, labels, idx = x[part], labels[part], idx[part]
                 x, labels = x.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                if self.adversary is not None:  # the step learns from the batch's adversarial version
+                    x = self.adversary(x, labels, generator)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                     enabled=self.amp_dtype is not None):
                     if self.dist.enabled:

@@ -79,6 +79,7 @@ class Recipe:
     restart_note = "it trains in minutes; start it again"  # said when --resume is refused
     cpu_only = False  # True: runs on the CPU whatever device is available
     default_budget_minutes: float | None = None  # the time budget without --budget (None: none)
+    adversarial = False  # whether `--adversarial` can train with it (its steps must see whole images)
 
     def model_name(self, cfg: RunConfig) -> str:
         """The network to train when the user named this recipe: `cfg.model.name`, with "auto"
@@ -143,6 +144,10 @@ def choose_recipe(cfg: RunConfig, dist=None):
         family = family_for(name, cfg.model)
     cfg = cfg.replace("model", name=family.canonical(name)).replace("train", recipe=recipe.name)
     recipe.check(cfg, family)
+    if cfg.train.adversarial and not recipe.adversarial:
+        raise UserError(f"--adversarial attacks whole images at every step, which the {recipe.name} recipe does not "
+                        f"train on: use the scratch recipe (--model classic-cnn, or a timm architecture with "
+                        f"--recipe scratch)")
     return cfg, family, recipe
 
 

@@ -17,3 +17,24 @@ def held_out_on_images(model, data, splits: dict | None = None, batch_size: int 
     backend = TorchBackend(model, data.classes, data.preprocess, tta)
     probs, labels, _ = predict_batches(backend, split.batches(batch_size))
     return HeldOut(name, probs, labels, list(getattr(split, "paths", [])))
+
+
+def adversarial_held_out(model, data, eps_255: float, reporter=None, limit: int = 1000) -> dict:
+    """The model's accuracy on (up to `limit` of) the held-out images under PGD at `eps_255`/255:
+    what adversarial training bought, for the run's metrics and report."""
+    import torch
+
+    from ...attacks import PGD_STEPS, attack_accuracy
+    name, split = held_out_split({"val": data.val, "test": data.test})
+    images, labels = [], []
+    for x, y, _ in split.batches(256):
+        images.append(x)
+        labels.append(y)
+        if sum(len(b) for b in labels) >= limit:
+            break
+    images, labels = torch.cat(images)[:limit], torch.cat(labels)[:limit].numpy()
+    if reporter is not None:
+        reporter.info(f"attacking {len(labels)} {name} images with PGD at ε={eps_255:g}/255")
+    accuracy = attack_accuracy(model, data.preprocess, len(data.classes), images, labels, "pgd", eps_255 / 255)
+    return {"attack": "PGD", "eps_255": eps_255, "steps": PGD_STEPS, "split": name, "n": int(len(labels)),
+            "accuracy": accuracy}

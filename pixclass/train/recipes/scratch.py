@@ -4,13 +4,15 @@ early stopping and resume (the classic CNN's and any timm architecture's recipe)
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 from ...data.transforms import build_augment
 from ...errors import UserError
+from ..adversarial import FastAdversary
 from ..hooks import Checkpoints, HistoryFile
 from ..loop import ImageInputs, Trainer
 from . import FitResult, Job, Recipe
-from .held_out import held_out_on_images
+from .held_out import adversarial_held_out, held_out_on_images
 
 EPOCHS = 10
 
@@ -19,6 +21,7 @@ class ScratchRecipe(Recipe):
     name = "scratch"
     description = "from scratch on images"
     resumable = True
+    adversarial = True
 
     def fit(self, job: Job) -> FitResult:
         cfg = job.cfg
@@ -27,16 +30,22 @@ class ScratchRecipe(Recipe):
         train_cfg = dataclasses.replace(cfg.train, epochs=cfg.train.epochs or EPOCHS)
         hooks = [Checkpoints(job.run_dir, extra=job.checkpoint_extra), HistoryFile(job.run_dir)] if job.run_dir else []
         hooks += job.hooks
+        adversary = None
+        if cfg.train.adversarial:
+            adversary = partial(FastAdversary, pre=job.data.preprocess, eps=cfg.train.adversarial_eps / 255)
         trainer = Trainer(job.model, job.data.train, job.data.val, train_cfg,
                           ImageInputs(job.data.preprocess, build_augment(cfg.augment)), job.reporter, hooks=hooks,
-                          dist=job.dist, device=job.device)
+                          dist=job.dist, device=job.device, adversary=adversary)
         if job.resume_from is not None:
             trainer.resume(job.resume_from)
         trainer.fit()
         trainer.restore_best()
         job.model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
         held = held_out_on_images(job.model, job.data) if job.dist.main else None
-        return FitResult(trainer.history, held, skipped=list(job.data.skipped))
+        metrics = {}
+        if cfg.train.adversarial and held is not None:
+            metrics["adversarial"] = adversarial_held_out(job.model, job.data, cfg.train.adversarial_eps, job.reporter)
+        return FitResult(trainer.history, held, skipped=list(job.data.skipped), metrics=metrics)
 
 
 RECIPE = ScratchRecipe()
