@@ -141,3 +141,13 @@ def test_adversarial_needs_a_recipe_that_trains_on_images(shapes, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--adversarial" in err[0] and "scratch" in err[0]
+
+
+def test_robustness_command_prints_json_and_writes_the_report(trained_run, shapes_session, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["robustness", trained_run["model_dir"], str(shapes_session), "--limit", "10", "--eps", "8",
+              "--pgd-steps", "2", "--json", "--out", str(tmp_path / "r")])
+    assert exit_.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["report"] == str(tmp_path / "r" / "robustness.html") and (tmp_path / "r" / "robustness.html").is_file()
+    assert [r["eps_255"] for r in printed["attacks"]["pgd"]] == [8]
