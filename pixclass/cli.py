@@ -47,6 +47,23 @@ def _parse_split(text: Optional[str]):
     return parts
 
 
+def _parse_lr(text: Optional[str]):
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--lr must be a number or auto (got {text!r})") from None
+
+
+def _search_config(data: Path, config: Optional[Path], **train):
+    """The config `tune` and `lr-find` start from: a --config file or the defaults, DATA, and the
+    few options they take (the rest as `train` resolves them)."""
+    return _build_config(data, config, None, image_size=None, channels=None, split=train.pop("split"), manifest=None,
+                         max_pixels=None, max_memory=None, augment=None, model=train.pop("model"),
+                         recipe=train.pop("recipe"), dropout=None, pretrained=None, weights=None, **train)
+
+
 def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **overrides):
     from .config import RunConfig
     if config is not None:
@@ -83,7 +100,8 @@ def train(
                                         "scratch), airbench or any timm architecture name."),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Learning rate, or auto: the learning-rate range test "
+                                     "(pixclass lr-find) chooses it, and config.yaml records its choice."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size (default: the pretrained model's, else from the data)."),
     channels: Optional[int] = typer.Option(None, "--channels", help="3 (RGB) or 1 (grayscale)."),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | standard"),
@@ -143,7 +161,7 @@ def train(
         _launch_torchrun(nproc)
     from .train.run import run_training
 
-    cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=lr,
+    cfg = _build_config(data, config, resume, model=model, epochs=epochs, batch_size=batch_size, lr=_parse_lr(lr),
                         image_size=image_size, channels=channels, augment=augment, optimizer=optimizer,
                         weight_decay=weight_decay, dropout=dropout, label_smoothing=label_smoothing,
                         schedule=schedule, warmup_epochs=warmup_epochs, early_stopping=early_stopping,
@@ -202,6 +220,98 @@ def _print_train_summary(summary: dict) -> None:
     console.print(f"run folder: {summary['run_dir']}\nmodel: {summary['model_dir']}", markup=False)
     if summary.get("report"):
         console.print(f"report: {summary['report']}", markup=False)
+
+
+@app.command()
+def tune(
+    data: Optional[Path] = typer.Argument(None, help="The dataset, as for train."),
+    trials: int = typer.Option(30, "--trials", "-n", help="How many trials (settings tried)."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Minutes the search may take: no trial starts "
+                                           "after them."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="As for train (default: efficientnet_lite0 for "
+                                        "transfer learning)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="transfer | scratch (default: as train chooses)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train,val,test fractions; trials are selected on val."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seeds the sampler and every trial (recorded in best.yaml)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Start from this config.yaml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for tune.db and best.yaml "
+                                       "(default: runs/tune-<data name>)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
+):
+    """Search training settings with Optuna, selected on validation; writes best.yaml for train --config."""
+    from .progress import Reporter
+    from .train.tune import tune as run_tune
+
+    check_output_location(out)
+    cfg = _search_config(data, config, model=model, recipe=recipe, split=split, seed=seed)
+    result = run_tune(cfg, trials, budget, out, Reporter(quiet or as_json))
+    if as_json:
+        _print_json({"folder": str(result.folder), "best_config": str(result.best_config),
+                     "best_value": result.best_value, "best_trial": result.best_trial, "seconds": result.seconds,
+                     "trials": result.trials})
+    else:
+        _print_trials(result)
+
+
+def _print_trials(result, shown: int = 10) -> None:
+    from rich.table import Table
+
+    from .progress import console
+    from .train.tune import params_text
+    done = sorted((t for t in result.trials if t["value"] is not None), key=lambda t: -t["value"])
+    table = Table(title=f"best {min(shown, len(done))} of {len(result.trials)} trials")
+    for col in ("trial", "val accuracy", "seconds", "settings"):
+        table.add_column(col, justify="left" if col == "settings" else "right")
+    for t in done[:shown]:
+        table.add_row(str(t["number"]), f"{t['value']:.4f}", f"{t['seconds'] or 0:.1f}", params_text(t["params"]))
+    console.print(table)
+    pruned = sum(t["state"] == "pruned" for t in result.trials)
+    console.print(f"{len(result.trials)} trials ({pruned} pruned) in {result.seconds:.0f}s; best: trial "
+                  f"{result.best_trial}, val accuracy {result.best_value:.4f}\nstudy: {result.folder / 'tune.db'} "
+                  f"(optuna-dashboard opens it)\nbest config: {result.best_config} "
+                  f"(pixclass train --config {result.best_config})", markup=False)
+
+
+@app.command("lr-find")
+def lr_find(
+    data: Optional[Path] = typer.Argument(None, help="The dataset, as for train."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="As for train."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="transfer | scratch (default: as train chooses)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | sgd"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the sweep (default 200)."),
+    method: str = typer.Option("lower", "--method", help="lower (of the next two) | steepest (descent of the "
+                               "smoothed loss) | minimum (the minimum's rate / 10)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Start from this config.yaml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for lr_find.png (default: runs/lr-find-<data name>)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
+):
+    """The learning-rate range test: the loss over an exponential sweep of rates, and a suggested rate."""
+    from .plots import lr_find_curve
+    from .progress import Reporter, console
+    from .runs import new_run_dir
+    from .train.lr_find import METHODS
+    from .train.run import find_lr_in_process
+
+    check_output_location(out)
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    cfg = _search_config(data, config, model=model, recipe=recipe, split=None, batch_size=batch_size,
+                         optimizer=optimizer, weight_decay=weight_decay)
+    _, finding = find_lr_in_process(cfg, Reporter(quiet or as_json), steps, method)
+    out = out or new_run_dir(f"lr-find-{Path(cfg.data.path).resolve().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    plot = lr_find_curve(finding.lrs, finding.losses, {"steepest": finding.steepest, "minimum/10": finding.minimum},
+                         out / "lr_find.png")
+    if as_json:
+        _print_json({"suggestion": finding.suggestion, "method": method, "steepest": finding.steepest,
+                     "minimum": finding.minimum, "steps": len(finding.lrs), "plot": str(plot)})
+    else:
+        console.print(f"{finding.describe()}\nplot: {plot}\ntrain with it: --lr {finding.suggestion:.2e} "
+                      f"(or --lr auto)", markup=False)
 
 
 @app.command()

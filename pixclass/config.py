@@ -125,7 +125,7 @@ TRACKERS = ("tensorboard", "mlflow")
 class TrainConfig:
     epochs: int | None = None  # None: 10 from scratch, 4 fine-tuning epochs for a pretrained backbone
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # "auto": the learning-rate range test chooses it (train/lr_find.py)
     optimizer: str = "adam"
     weight_decay: float = 0.0  # L2 penalty; decoupled for AdamW
     momentum: float = 0.9
@@ -193,7 +193,9 @@ class TrainConfig:
         _check(isinstance(self.adversarial_eps, (int, float)) and 0 < self.adversarial_eps <= 64,
                f"adversarial_eps must be in (0, 64] (1/255 pixel steps; got {self.adversarial_eps!r})")
         _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
+        _check(self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                     and math.isfinite(self.lr) and self.lr > 0),
+               f"lr must be a number above 0 or auto (got {self.lr!r})")
         _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _check_choice("schedule", self.schedule, ("constant", "step", "cosine", "onecycle", "plateau"))
         _check_choice("monitor", self.monitor, ("val_loss", "val_accuracy"))

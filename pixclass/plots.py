@@ -131,3 +131,19 @@ def robustness_curves(results: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, path, 100)
+
+
+def lr_find_curve(lrs: list[float], losses: list[float], suggestions: dict[str, float], path: Path) -> Path:
+    """The learning-rate range test: smoothed loss against the rate (log scale), each suggested
+    rate marked."""
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    for (name, lr), color in zip(suggestions.items(), ("tab:red", "tab:green")):
+        ax.axvline(lr, color=color, linestyle="--", label=f"{name} {lr:.1e}")
+    ax.legend()
+    fig.tight_layout()
+    return save(fig, path)

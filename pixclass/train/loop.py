@@ -208,7 +208,8 @@ class Trainer:
         return ", ".join(names) + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
 
     @torch.inference_mode()
-    def _validate(self) -> dict:
+    def validate(self) -> dict:
+        """Validation loss and accuracy of the model as it is now."""
         if self.val is None or len(self.val) == 0:
             return {"val_loss": None, "val_accuracy": None}
         self.model.eval()
@@ -232,7 +233,7 @@ class Trainer:
             row = {"epoch": self.epoch_offset + self.epoch + 1, "phase": self.phase}
             row.update(self._train_epoch(generator))
             row["lr"] = self.optimizer.param_groups[-1]["lr"]  # the last group: the head's
-            row.update(self._validate())
+            row.update(self.validate())
             self.schedule.epoch_end(row["val_loss"])
             self.improved = self.stopper.update(row)
             if self.improved:

@@ -32,7 +32,7 @@ from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
 from .budget import Budget
 from .checkpoint import load_checkpoint
-from .recipes import FitResult, Job, choose_recipe
+from .recipes import FitResult, Job, choose_recipe, validation_accuracy
 from .tracking import Tracking, check_installed
 
 FAILED_FILE = "failed.txt"  # in the folder of a run that stopped before it finished: why, and what next
@@ -89,6 +89,8 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     try:
         job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device, budget,
                        model_chosen and resumed is None)
+        if job.cfg.train.lr == "auto":
+            _find_lr_for_run(job, recipe, plotter)
         if dist.main and cfg.train.track:  # once the config is resolved: it is what the trackers record
             tracking = Tracking(job.cfg, run_dir, reporter, resumed=resumed is not None)
             job.hooks.append(tracking)
@@ -112,6 +114,54 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     tracking.close(failed=False)
     distributed.shutdown(dist)
     return summary
+
+
+def _find_lr_for_run(job: Job, recipe, plotter) -> None:
+    """`--lr auto`: the learning-rate range test on the prepared job, its suggestion taken as the
+    run's rate and recorded in config.yaml (`--config` reruns it without the test), its curve
+    drawn as lr_find.png. Under torchrun every rank runs the same test on the same data."""
+    from ..plots import lr_find_curve
+    from .lr_find import range_test
+    finding = range_test(recipe.sweep_target(job), job.cfg.train, job.device)
+    job.reporter.info(f"lr-find: {finding.describe()}")
+    job.record(job.cfg.replace("train", lr=finding.suggestion))
+    if job.run_dir is not None:
+        plotter.submit(lr_find_curve, finding.lrs, finding.losses,
+                       {"steepest": finding.steepest, "minimum/10": finding.minimum}, job.run_dir / "lr_find.png")
+
+
+def prepare_in_process(cfg: RunConfig, reporter: Reporter):
+    """(recipe, Job) prepared as a run prepares them (the same recipe choice, plan, data and
+    model), in this process, with no run folder: for what trains or sweeps without saving a
+    run (`pixclass tune`'s trials, `pixclass lr-find`)."""
+    dist = distributed.Dist()
+    model_chosen = cfg.model.name == "auto"
+    cfg, family, recipe = choose_recipe(cfg, dist)
+    minutes = cfg.train.budget or recipe.default_budget_minutes
+    device = torch.device("cpu") if recipe.cpu_only else distributed.choose_device(cfg.train.device, dist)
+    set_max_pixels(cfg.data.max_pixels)
+    job = _prepare(cfg, family, recipe, None, None, reporter, dist, device, Budget(minutes) if minutes else None,
+                   model_chosen)
+    return recipe, job
+
+
+def fit_in_process(cfg: RunConfig, reporter: Reporter, hooks=()) -> tuple[RunConfig, FitResult]:
+    """Train as `run_training` trains, without the run folder, the artifact or the report: (the
+    config as the recipe planned it, what it fitted). `hooks` see every phase's epochs."""
+    recipe, job = prepare_in_process(cfg, reporter)
+    job.hooks = list(hooks)
+    if job.cfg.train.lr == "auto":
+        raise UserError("a trial needs a number as its learning rate, not auto")
+    return job.cfg, recipe.fit(job)
+
+
+def find_lr_in_process(cfg: RunConfig, reporter: Reporter, steps: int | None = None, method: str = "lower"):
+    """`pixclass lr-find`: (the config as the run would plan it, the range test's LRFinding) for
+    what the run's recipe trains first, prepared as the run prepares it."""
+    from .lr_find import STEPS, range_test
+    recipe, job = prepare_in_process(cfg, reporter)
+    return job.cfg, range_test(recipe.sweep_target(job), job.cfg.train, job.device, steps=steps or STEPS,
+                               method=method)
 
 
 def _claim_run_folder(cfg: RunConfig, out) -> ClaimedFolder:
@@ -163,7 +213,7 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
         _check_resumed_model(resumed, model, arch)
     if cfg.train.plan != planned:  # said once the model is built: a model that cannot be is the one line
         reporter.info(f"plan: {cfg.train.plan}")
-    if dist.main:
+    if dist.main and run_dir is not None:
         _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)
     return Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device,
@@ -218,6 +268,8 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         metrics = dict(classification_metrics(held.labels, held.probabilities, data.classes), split=held.split,
                        **result.metrics)
         # said again beside the final accuracy: a class with no held-out image is not in that number
+        if (val_accuracy := validation_accuracy(result)) is not None:
+            metrics["val_accuracy"] = val_accuracy  # what `pixclass tune` selected on
         note = absent_classes_note(metrics, f"the {held.split} split")
         if note:
             job.reporter.warn(note)

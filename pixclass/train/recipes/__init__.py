@@ -37,6 +37,32 @@ class FitResult:
     # the test-time augmentation (tta.TTA_MODES) the saved model is used with; `held_out` must have
     # been computed with it, so that the run's figure is what `pixclass evaluate` gives
     tta: str = "none"
+    # the final model's accuracy on the validation split, as the held-out figure is computed (its
+    # test-time augmentation included): what `pixclass tune` selects on, never the test split.
+    # None: the recipe does not compute it (see validation_accuracy)
+    val_accuracy: float | None = None
+
+
+def validation_accuracy(result: FitResult) -> float | None:
+    """The final model's validation accuracy: the recipe's own figure, else the held-out one when
+    the held-out split is val, else the last epoch's (what the recipe kept)."""
+    if result.val_accuracy is not None:
+        return result.val_accuracy
+    held = result.held_out
+    if held is not None and held.split == "val" and len(held.labels):
+        return float((held.probabilities.argmax(1) == held.labels).mean())
+    rows = [r for r in result.history if r.get("val_accuracy") is not None]
+    return rows[-1]["val_accuracy"] if rows else None
+
+
+@dataclass
+class SweepTarget:
+    """What a learning-rate range test trains: `module` on `train` (a split, see loop.Trainer)
+    through `inputs`, with `param_groups` (per-group `lr_scale`) as the recipe's first phase has them."""
+    module: nn.Module
+    train: object
+    inputs: object
+    param_groups: list | None = None
 
 
 @dataclass
@@ -53,8 +79,8 @@ class Job:
     resume_from: Path | None = None
     early: object = None  # what the recipe's `start_early` began (e.g. decoding ahead)
     budget: object = None  # train.budget.Budget: the run's time budget, from its start
-    # hooks of the whole run (experiment tracking) that every recipe adds to its own, in every
-    # phase; empty on ranks other than 0
+    # hooks of the whole run (experiment tracking; `pixclass tune`'s report of each epoch to its
+    # trial) that every recipe adds to its own, in every phase; empty on ranks other than 0
     hooks: list = field(default_factory=list)
 
     def record(self, cfg: RunConfig) -> None:
@@ -103,6 +129,10 @@ class Recipe:
 
     def fit(self, job: Job) -> FitResult:
         raise NotImplementedError
+
+    def sweep_target(self, job: Job) -> SweepTarget:
+        """What `lr` drives in this recipe, for the learning-rate range test (train/lr_find.py)."""
+        raise UserError(f"the learning-rate finder is not available for the {self.name} recipe")
 
 
 def get_recipe(name: str) -> Recipe:

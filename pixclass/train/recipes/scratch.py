@@ -11,7 +11,7 @@ from ...errors import UserError
 from ..adversarial import FastAdversary
 from ..hooks import Checkpoints, HistoryFile
 from ..loop import ImageInputs, Trainer
-from . import FitResult, Job, Recipe
+from . import FitResult, Job, Recipe, SweepTarget
 from .held_out import adversarial_held_out, held_out_on_images
 
 EPOCHS = 10
@@ -40,12 +40,17 @@ class ScratchRecipe(Recipe):
             trainer.resume(job.resume_from)
         trainer.fit()
         trainer.restore_best()
+        val_accuracy = trainer.validate()["val_accuracy"]  # of the model kept, which may be an earlier epoch's
         job.model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
         held = held_out_on_images(job.model, job.data) if job.dist.main else None
         metrics = {}
         if cfg.train.adversarial and held is not None:
             metrics["adversarial"] = adversarial_held_out(job.model, job.data, cfg.train.adversarial_eps, job.reporter)
-        return FitResult(trainer.history, held, skipped=list(job.data.skipped), metrics=metrics)
+        return FitResult(trainer.history, held, skipped=list(job.data.skipped), metrics=metrics,
+                         val_accuracy=val_accuracy)
+
+    def sweep_target(self, job: Job) -> SweepTarget:
+        return SweepTarget(job.model, job.data.train, ImageInputs(job.data.preprocess, build_augment(job.cfg.augment)))
 
 
 RECIPE = ScratchRecipe()

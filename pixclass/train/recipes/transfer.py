@@ -39,7 +39,7 @@ from ..loop import ImageInputs, Trainer
 from ..memory_plan import MemoryPlan
 from .. import budget as budget_plan
 from ..budget import HEAD_EPOCHS
-from . import FitResult, HeldOut, Job, Recipe, held_out_split
+from . import FitResult, HeldOut, Job, Recipe, SweepTarget, held_out_split
 from .held_out import held_out_on_images
 
 FINETUNE_EPOCHS = 4
@@ -171,7 +171,7 @@ class TransferRecipe(Recipe):
         if model.units is None and cut == 0 and job.cfg.train.unfreeze != "all":
             job.reporter.warn(f"{model.backbone_name} cannot be cut into units, so fine-tuning trains the whole "
                               f"network on images (slow on a CPU); --freeze trains the head alone")
-        frozen_cut = cut if cut > 0 else model.n_units  # cut 0 fine-tunes on images; the head still trains on features
+        frozen_cut = _frozen_cut(cut, model)
         timings, history = {}, []
         started = time.perf_counter()
         splits, skipped = _features(job, frozen_cut)
@@ -191,15 +191,30 @@ class TransferRecipe(Recipe):
         tta = "none"
         if evaluator is not None and mirrored:
             held, tta, metrics = _held_out_with_mirror(evaluator, mirrored)
-            return FitResult(history, held, skipped=skipped, timings=timings, metrics=metrics, tta=tta)
+            return FitResult(history, held, skipped=skipped, timings=timings, metrics=metrics, tta=tta,
+                             val_accuracy=metrics.get("val_accuracy"))
         return FitResult(history, held_out_of(), skipped=skipped, timings=timings, tta=tta)
+
+    def sweep_target(self, job: Job) -> SweepTarget:
+        """The head on pooled features, as the head phase trains it (`lr` is the head's rate; the
+        fine-tuning phase's follows from it)."""
+        model, device = job.model, torch.device(job.device or "cpu")
+        model.to(device)
+        frozen_cut = _frozen_cut(choose_cut(model, job.cfg, job.data.preprocess.size), model)
+        splits, _ = _features(job, frozen_cut)
+        memory = MemoryPlan(job.cfg.data.max_memory_gb)
+        _hold_if_planned(memory, "features", splits)
+        pooled = _pooled(job, splits, frozen_cut, device, memory)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        return SweepTarget(model.head, pooled["train"], FeatureInputs())
 
 
 def _phase_hooks(job: Job, last_phase: bool) -> list:
     """Checkpoints of the whole model (each phase trains a part of it), the history file and the
     run's own hooks."""
     if job.run_dir is None:
-        return []
+        return list(job.hooks)
     return [Checkpoints(job.run_dir, saved_model=job.model, extra=job.checkpoint_extra, at_phase_end=last_phase),
             HistoryFile(job.run_dir), *job.hooks]
 
@@ -232,6 +247,24 @@ def _hold_if_planned(memory: MemoryPlan, what: str, splits: dict) -> bool:
 def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device, memory: MemoryPlan) -> dict:
     """The head alone, on pooled features (milliseconds per epoch). Returns the pooled splits."""
     model, tc = job.model, job.cfg.train
+    pooled = _pooled(job, splits, frozen_cut, device, memory)
+    head_epochs = HEAD_EPOCHS if tc.head_epochs is None else tc.head_epochs
+    if head_epochs > 0:
+        torch.manual_seed(tc.seed)  # dropout draws the same whether or not features came from the cache
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=head_epochs),
+                          FeatureInputs(), job.reporter, hooks=_phase_hooks(job, finetune_epochs(job.cfg) == 0),
+                          phase="head", history=history, dist=job.dist, device=device, deadline=_deadline(job))
+        trainer.fit()
+        trainer.restore_best()
+    return pooled
+
+
+def _pooled(job: Job, splits: dict, frozen_cut: int, device, memory: MemoryPlan) -> dict:
+    """The splits' features pooled to what the head takes: each cached view once through the
+    frozen tail (the splits themselves where the features were cached at full depth)."""
+    model = job.model
     if frozen_cut < model.n_units:
         tail = Tail(model, frozen_cut)
         for module in tail.units:
@@ -244,16 +277,6 @@ def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device, 
     else:
         pooled = splits
     job.reporter.info(memory.line())
-    head_epochs = HEAD_EPOCHS if tc.head_epochs is None else tc.head_epochs
-    if head_epochs > 0:
-        torch.manual_seed(tc.seed)  # dropout draws the same whether or not features came from the cache
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=head_epochs),
-                          FeatureInputs(), job.reporter, hooks=_phase_hooks(job, finetune_epochs(job.cfg) == 0),
-                          phase="head", history=history, dist=job.dist, device=device, deadline=_deadline(job))
-        trainer.fit()
-        trainer.restore_best()
     return pooled
 
 
@@ -289,6 +312,12 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
     trainer.fit()
     trainer.restore_best()
     return held_out_of, evaluator
+
+
+def _frozen_cut(cut: int, model: TransferModel) -> int:
+    """Where the cached features are taken: cut 0 fine-tunes on images, and the head still
+    trains on features of the whole backbone."""
+    return cut if cut > 0 else model.n_units
 
 
 RECIPE = TransferRecipe()
@@ -328,12 +357,13 @@ def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, s
         return seen[name]
 
     val = mirrored.get("val")
-    tta = "none"
+    tta, val_accuracy = "none", None
     if val is not None and len(val):
         plain, averaged = both("val")
         labels = val.labels.numpy()
         if cross_entropy(labels, averaged) < cross_entropy(labels, plain):
             tta = "hflip"
+        val_accuracy = float(((averaged if tta == "hflip" else plain).argmax(1) == labels).mean())
     name, split = held_out_split(mirrored)
     plain, averaged = both(name)
     labels = split.labels.numpy()
@@ -341,6 +371,8 @@ def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, s
     other = plain if tta == "hflip" else averaged
     metrics = {"tta": tta, f"accuracy_{'without' if tta == 'hflip' else 'with'}_tta":
                float((other.argmax(1) == labels).mean())}
+    if val_accuracy is not None:
+        metrics["val_accuracy"] = val_accuracy
     return HeldOut(name, probs, labels, list(split.paths)), tta, metrics
 
 
