@@ -282,6 +282,7 @@ def lr_find(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam | adamw | sgd"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the sweep (default 200)."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
     method: str = typer.Option("lower", "--method", help="lower (of the next two) | steepest (descent of the "
                                "smoothed loss) | minimum (the minimum's rate / 10)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Start from this config.yaml."),
@@ -300,7 +301,7 @@ def lr_find(
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
     cfg = _search_config(data, config, model=model, recipe=recipe, split=None, batch_size=batch_size,
-                         optimizer=optimizer, weight_decay=weight_decay)
+                         optimizer=optimizer, weight_decay=weight_decay, threads=threads)
     _, finding = find_lr_in_process(cfg, Reporter(quiet or as_json), steps, method)
     out = out or new_run_dir(f"lr-find-{Path(cfg.data.path).resolve().name}")
     out.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         _check(self.lr == "auto" or (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
                                      and math.isfinite(self.lr) and self.lr > 0),
-               f"lr must be a number above 0 or auto (got {self.lr!r})")
+               f"train.lr must be > 0 or auto (got {self.lr!r})")
         _check_choice("optimizer", self.optimizer, ("adam", "adamw", "sgd"))
         _check_choice("schedule", self.schedule, ("constant", "step", "cosine", "onecycle", "plateau"))
         _check_choice("monitor", self.monitor, ("val_loss", "val_accuracy"))

@@ -68,7 +68,7 @@ def test_tune_refuses_data_without_a_validation_split(shapes_small, tmp_path, ca
 
 
 def test_lr_find_suggests_a_rate_and_draws_the_curve(shapes_small, tmp_path):
-    found = _json(run_cli("lr-find", shapes_small, "--model", "classic-cnn", "--steps", "60", "--out", tmp_path,
+    found = _json(run_cli("lr-find", shapes_small, "--model", "classic-cnn", "--steps", "60", "--threads", "1", "--out", tmp_path,
                           "--json"))
     assert (tmp_path / "lr_find.png").stat().st_size > 0
     assert 1e-7 < found["suggestion"] < 10 and found["suggestion"] == min(found["steepest"], found["minimum"])
@@ -99,3 +99,13 @@ def test_suggestions_find_the_steepest_descent_and_the_minimum():
     steepest, minimum = suggestions(list(lrs), list(losses))
     assert steepest == pytest.approx(1e-3, rel=0.15)
     assert minimum == pytest.approx(1e-2, rel=0.15)
+
+
+@pytest.mark.slow
+def test_tune_transfer_reuses_the_feature_cache_and_best_yaml_reproduces(shapes_small, tmp_path):
+    """The transfer recipe's search (head epochs, fine-tuning depth, cached views) on EfficientNet-Lite0."""
+    found = _json(run_cli("tune", shapes_small, "--recipe", "transfer", "--split", "0.7,0.3,0", "--trials", "4",
+                          "--out", tmp_path / "t", "--json"))
+    assert {"head_epochs", "unfreeze", "feature_views"} <= set(found["trials"][0]["params"])
+    rerun = _json(run_cli("train", "--config", tmp_path / "t" / "best.yaml", "--out", tmp_path / "r", "--json"))
+    assert abs(rerun["metrics"]["val_accuracy"] - found["best_value"]) * rerun["metrics"]["n"] <= 1 + 1e-9
