@@ -89,11 +89,13 @@ class ImageClassifier:
                                          if image_size else None)
         self.model, self.arch, self.history, self.metrics, self.run_dir = None, None, [], {}, None
         self.tta = "none"  # the test-time augmentation of a loaded or trained model (tta.py)
+        self.temperature, self.abstain = 1.0, None  # its calibration and abstain threshold (calibration.py, abstain.py)
 
     @classmethod
     def from_artifact(cls, art: artifact_io.Artifact) -> "ImageClassifier":
         clf = cls(art.arch["name"], art.classes, preprocess=art.preprocess)
         clf.model, clf.arch, clf.metrics, clf.tta = art.model, art.arch, art.metrics, art.tta
+        clf.temperature, clf.abstain = art.temperature, art.abstain
         return clf
 
     def _build(self) -> None:
@@ -117,14 +119,15 @@ class ImageClassifier:
         art = artifact_io.load(summary["model_dir"])
         self.model, self.arch, self.classes, self.preprocess = art.model, art.arch, art.classes, art.preprocess
         self.model_name, self.metrics, self.run_dir = art.arch["name"], art.metrics, Path(summary["run_dir"])
-        self.tta = art.tta
+        self.tta, self.temperature, self.abstain = art.tta, art.temperature, art.abstain
         self.history = summary["history"]
         return self.history
 
     def _artifact(self) -> artifact_io.Artifact:
         self._build()
         return artifact_io.Artifact(self.model, self.arch, self.classes, self.preprocess,
-                                    metrics=self.metrics, tta=self.tta)
+                                    metrics=self.metrics, tta=self.tta, temperature=self.temperature,
+                                    abstain=self.abstain)
 
     def evaluate(self, data) -> dict:
         """Metrics on an ImageFolder's held-out split (test, else val), on a labelled folder, or on

@@ -1,6 +1,6 @@
 """The model artifact: a folder with `model.safetensors` (weights) and `pixclass.json`
-(architecture and its arguments, class names, preprocessing, test-time augmentation, training
-config, metrics, versions).
+(architecture and its arguments, class names, preprocessing, test-time augmentation, calibration
+temperature, abstain threshold, training config, metrics, versions).
 
 Loading checks the JSON against its schema (artifact_schema.py) and the weights' shapes against
 the network it describes, then rebuilds the network and fills it from safetensors: no pickle
@@ -20,6 +20,7 @@ from safetensors.torch import save as save_weights
 from torch import nn
 
 from .atomic_write import replace_atomically, write_text_atomically
+from .abstain import Abstain
 from .artifact_schema import FORMAT, Metadata, read_metadata
 from .data.transforms import Preprocess
 from .errors import UserError, first_line
@@ -38,6 +39,8 @@ class Artifact:
     metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     tta: str = "none"  # the test-time augmentation every backend and export applies (tta.py)
+    temperature: float = 1.0  # divides the logits before the softmax, everywhere (calibration.py)
+    abstain: Abstain | None = None  # when the model answers "unknown" (abstain.py); None: never
 
     def __post_init__(self):
         if self.tta not in TTA_MODES:  # a recipe's mistake: caught here, not in a file no loader accepts
@@ -45,7 +48,8 @@ class Artifact:
 
     def metadata(self) -> dict:
         return {"format": FORMAT, "arch": self.arch, "classes": list(self.classes),
-                "preprocess": self.preprocess.to_dict(), "tta": self.tta, "config": self.config,
+                "preprocess": self.preprocess.to_dict(), "tta": self.tta, "temperature": self.temperature,
+                "abstain": self.abstain.to_dict() if self.abstain else None, "config": self.config,
                 "metrics": self.metrics, "versions": self.versions or library_versions()}
 
 
@@ -118,7 +122,8 @@ def load(folder) -> Artifact:
     _check_answers_one_score_per_class(model, preprocess, len(meta.spec.classes), meta_path)
     return Artifact(model=model, arch=meta.arch, classes=list(meta.spec.classes), preprocess=preprocess,
                     config=meta.spec.config, metrics=meta.spec.metrics, versions=meta.spec.versions,
-                    tta=meta.spec.tta)
+                    tta=meta.spec.tta, temperature=meta.spec.temperature,
+                    abstain=Abstain.from_dict(meta.spec.abstain.model_dump() if meta.spec.abstain else None))
 
 
 def _build(meta: Metadata, meta_path: Path, device: str) -> nn.Module:

@@ -21,6 +21,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationEr
 
 from .errors import UserError, first_line
 from .models.registry import MAX_CLASSES, ArchKwargs, ImageSize, ModelFamily, family_of
+from .abstain import METHODS as ABSTAIN_METHODS
+from .calibration import TEMPERATURE_RANGE
 from .tta import TTA_MODES
 
 FORMAT = "pixclass-artifact/1"
@@ -74,6 +76,14 @@ class ArchSpec(_Strict):
     kwargs: dict[str, Any]
 
 
+class AbstainSpec(_Strict):
+    """abstain.Abstain: below `threshold` of its score an image is answered `unknown`."""
+
+    method: Literal[ABSTAIN_METHODS]
+    threshold: FiniteFloat
+    keep: Annotated[FiniteFloat, Field(gt=0, le=1)]
+
+
 class ArtifactSpec(_Strict):
     # other top-level keys are ignored rather than refused: nothing reads them, and a later
     # version may add some
@@ -85,6 +95,10 @@ class ArtifactSpec(_Strict):
     preprocess: PreprocessSpec
     # absent in the artifacts written before test-time augmentation existed: they mean "none"
     tta: Literal[TTA_MODES] = "none"
+    # absent in the artifacts written before calibration existed: they mean 1 (the raw softmax)
+    temperature: Annotated[FiniteFloat, Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])] = 1.0
+    # absent or null: the model never answers "unknown" (older artifacts, runs without a validation split)
+    abstain: AbstainSpec | None = None
     config: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     versions: dict[str, Any] = {}

@@ -26,6 +26,15 @@ def _print_json(document) -> None:
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
+ABSTAIN_HELP = "on: answer 'unknown' below the model's abstain threshold (fixed on validation images); off: always a class."
+
+
+def _abstain_on(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise UserError(f"--abstain must be on or off (got {value!r})")
+    return value == "on"
+
+
 def _image_files(inputs) -> list[Path]:
     """The image files among `inputs` (files, folders); a user error when there are none."""
     from .data.scan import collect_image_paths, ignored_files_note
@@ -322,6 +331,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write metrics and figures."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON to stdout."),
+    abstain: str = typer.Option("on", "--abstain", help="on: also the share of images answered 'unknown' and "
+                                "the accuracy on the others; off: leave them out."),
 ):
     """Evaluate a saved model: accuracy, top-k, per-class precision/recall/F1, confusion matrix."""
     from . import artifact as artifact_io
@@ -330,9 +341,10 @@ def evaluate(
     from .runs import new_run_dir
 
     check_output_location(out)
+    abstain_on = _abstain_on(abstain)
     reporter = Reporter(quiet)
     art = artifact_io.load(model)
-    metrics, probs, labels, paths = evaluate_folder(art, data, model_dir=model, reporter=reporter)
+    metrics, probs, labels, paths = evaluate_folder(art, data, model_dir=model, reporter=reporter, abstain=abstain_on)
     out = out or new_run_dir(f"eval-{Path(data).resolve().name}")
     write_evaluation(metrics, art.classes, out)
     from .report import write_report
@@ -357,8 +369,17 @@ def _print_metrics_table(metrics: dict) -> None:
     console.print(table)
     topk = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     console.print(f"accuracy {metrics['accuracy']:.4f}  {topk} {metrics[topk]:.4f}  loss {metrics['loss']:.4f}  "
-                  f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\nwritten to {metrics['out']}\n"
+                  f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\n" + _abstention_line(metrics) +
+                  f"written to {metrics['out']}\n"
                   f"report: {metrics['report']}", markup=False)
+
+
+def _abstention_line(metrics: dict) -> str:
+    if "unknown_share" not in metrics:
+        return ""
+    answered = metrics["answered_accuracy"]
+    return (f"answered unknown: {metrics['unknown_share']:.1%}  accuracy on the others "
+            f"{'-' if answered is None else f'{answered:.4f}'}\n")
 
 
 @app.command()
@@ -376,8 +397,9 @@ def predict(
     # small batches: on a CPU a larger one gains little, and ONNX Runtime's memory arena grows with it
     batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Images per model call."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (default ~89 MP)."),
+    abstain: str = typer.Option("on", "--abstain", help=ABSTAIN_HELP),
 ):
-    """Predict the classes of images."""
+    """Predict the classes of images (or "unknown" for images unlike the training data)."""
     from .data.decode import set_max_pixels
     from .fastest_backend import open_fastest
     from .predict import Predictor
@@ -386,6 +408,7 @@ def predict(
     from .ranks import from_env, process_group
 
     set_max_pixels(max_pixels)
+    abstain_on = _abstain_on(abstain)
     if fmt not in (None, "table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv (got {fmt!r})")
     if resume and out is None:
@@ -400,7 +423,7 @@ def predict(
     # processes sharing this machine share its cores
     threads = max(1, (os.cpu_count() or 1) // ranks.local_world) if ranks.enabled else None
     choice = open_fastest(model, backend, threads=threads)
-    predictor = Predictor(choice.backend)
+    predictor = Predictor(choice.backend, abstain=abstain_on)
     files = _image_files(paths)
     reporter = Reporter(quiet=not ranks.main)
     if out is not None:
@@ -426,10 +449,11 @@ def predict(
     elif fmt == "csv":
         import csv
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "rank", "class", "probability"])
+        writer.writerow(["path", "rank", "class", "probability", "answer", "score"])
         for r in results:
+            score = "" if r["score"] is None else f"{r['score']:.6f}"
             for rank, c in enumerate(r["top_k"], 1):
-                writer.writerow([r["path"], rank, c["class"], f"{c['probability']:.6f}"])
+                writer.writerow([r["path"], rank, c["class"], f"{c['probability']:.6f}", r["answer"], score])
     else:
         _print_predictions(results)
 
@@ -443,8 +467,9 @@ def _print_predictions(results: list[dict]) -> None:
     table.add_column("probability", justify="right")
     table.add_column("next")
     for r in results:
-        best, rest = r["top_k"][0], r["top_k"][1:]
-        table.add_row(r["path"], best["class"], f"{best['probability']:.3f}",
+        # an unknown image: its likeliest classes all go to "next"
+        best, rest = r["top_k"][0], r["top_k"][0 if r["unknown"] else 1:]
+        table.add_row(r["path"], r["answer"], f"{best['probability']:.3f}",
                       ", ".join(f"{c['class']} {c['probability']:.3f}" for c in rest))
     # piped output is not cut to 80 columns: a path split over lines is useless to grep
     width = None if sys.stdout.isatty() else max((len(r["path"]) for r in results), default=0) + 80
@@ -632,6 +657,7 @@ def serve(
                                            help="Images larger than this are logged without their bytes."),
     log_queue: int = typer.Option(1000, "--log-queue", min=1,
                                   help="Predictions that may wait for the database; beyond, they are dropped and counted."),
+    abstain: str = typer.Option("on", "--abstain", help=ABSTAIN_HELP),
 ):
     """Serve the model: an upload page at / and a JSON API under /v1 (docs at /docs)."""
     import json
@@ -652,7 +678,8 @@ def serve(
     settings = Settings(model=str(model), token=token, max_upload_mb=max_upload_mb,
                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                         model_threads=max(1, available_cores() // workers), log_db=log_db, log_images=log_images,
-                        log_image_limit_kb=log_image_limit_kb, log_queue=log_queue, **_serving_backend(model, backend))
+                        log_image_limit_kb=log_image_limit_kb, log_queue=log_queue, abstain=_abstain_on(abstain),
+                        **_serving_backend(model, backend))
     os.environ["PIXCLASS_SERVE_SETTINGS"] = json.dumps(asdict(settings))
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler that
     # was there before it: make that one a no-op so a clean shutdown exits with 0

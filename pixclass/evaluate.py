@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from .abstain import abstention_metrics
 from .artifact import Artifact
 from .data.loaders import load_split
 from .data.label_csv import is_label_csv, read_label_csv
@@ -93,8 +94,10 @@ def evaluate_split(art: Artifact, split, batch_size: int = 256, backend: Backend
     return classification_metrics(labels, probs, art.classes), probs
 
 
-def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None):
-    """(metrics, probabilities, labels, paths) of the images `labelled_files` picks in `root`."""
+def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None, abstain: bool = True):
+    """(metrics, probabilities, labels, paths) of the images `labelled_files` picks in `root`.
+    `abstain`: with the model's abstain threshold, also the share of images it answers unknown
+    and its accuracy on the others."""
     reporter = reporter or Reporter()
     paths, labels, what = labelled_files(root, art, model_dir, reporter)
     reporter.info(f"evaluating on {what} ({len(paths)} images)")
@@ -102,6 +105,8 @@ def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | No
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
     metrics, probs = evaluate_split(art, split)
+    if abstain and art.abstain is not None:
+        metrics.update(abstention_metrics(split.labels.numpy(), probs, art.abstain))
     metrics["skipped_files"] = [str(p) for p, _ in failures]
     metrics["evaluated_on"] = what
     note = absent_classes_note(metrics, what)

@@ -266,7 +266,10 @@ def build_webapp(art, folder: Path) -> Path:
     for name in ("index.html", "app.js", "manifest.webmanifest", "sw.js"):
         (folder / name).write_text((templates / name).read_text())
     export_onnx(art, folder / "model.onnx")
-    (folder / "meta.json").write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict()}))
+    # the abstain threshold is applied by app.js to the model's (calibrated) probabilities
+    (folder / "meta.json").write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
+                                                  "temperature": art.temperature,
+                                                  "abstain": art.abstain.to_dict() if art.abstain else None}))
     with tarfile.open(_ort_web_tarball()) as tar:
         for name in ORT_WEB_FILES:
             with tar.extractfile(f"package/dist/{name}") as src, open(folder / name, "wb") as dst:

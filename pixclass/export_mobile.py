@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import UserError, first_line
 from .extras import captured_output, require
+from .fastest_backend import answer_metadata
 from .inference import Probabilities, litert_sidecar
 
 
@@ -51,7 +52,7 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
     """fp32, or int8 when `calibration` (standardized NCHW inputs) is given."""
     litert_torch = require("litert_torch", "tflite")
     pre = art.preprocess
-    model = litert_torch.to_channel_last_io(Probabilities(art.model.eval(), art.tta), args=[0]).eval()
+    model = litert_torch.to_channel_last_io(Probabilities.of(art), args=[0]).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pixclass-tflite-") as work:
         # the float model of an int8 export is an intermediate: kept out of the user's folder
@@ -61,9 +62,11 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
         if calibration is not None:
             with _quiet("TFLite int8 quantization"):
                 _quantize_int8(float_path, path, calibration)
-    # "tta" says what the graph already does (Probabilities): nothing reads it to apply it again
+    # "tta" and "temperature" say what the graph already does (Probabilities): nothing reads them to
+    # apply them again; "abstain" is applied to the graph's probabilities
     litert_sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
-                                                "tta": art.tta,
+                                                "tta": art.tta, "temperature": art.temperature,
+                                                "abstain": art.abstain.to_dict() if art.abstain else None,
                                                 "input": "NHWC float32, standardized (int8 models: quantized with "
                                                          "the input's scale and zero point)"}, indent=1))
     return path
@@ -102,7 +105,7 @@ def export_coreml(art, path: Path) -> Path:
     ct = require("coremltools", "coreml")
     pre = art.preprocess
     # the mirror is taken of the pixels before standardizing, which is the same: standardization is per channel
-    model = Probabilities(nn.Sequential(_StandardizePixels(pre.mean, pre.std), art.model.eval()), art.tta).eval()
+    model = Probabilities.of(art, nn.Sequential(_StandardizePixels(pre.mean, pre.std), art.model.eval()))
     example = torch.zeros(1, pre.channels, pre.size, pre.size)
     # torch.export, not TorchScript tracing: timm's "same" padding computes sizes in Python ints,
     # which the TorchScript frontend of coremltools 9 cannot convert
@@ -114,7 +117,8 @@ def export_coreml(art, path: Path) -> Path:
                              minimum_deployment_target=ct.target.iOS16)
     mlmodel.short_description = f"pixclass {art.arch['name']}: {len(art.classes)} classes"
     mlmodel.user_defined_metadata.update({"pixclass_classes": json.dumps(art.classes),
-                                          "pixclass_preprocess": json.dumps(pre.to_dict()), "pixclass_tta": art.tta})
+                                          "pixclass_preprocess": json.dumps(pre.to_dict()),
+                                          **answer_metadata(art, "pixclass_")})
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(path))
     return path

@@ -31,9 +31,18 @@ AGREEMENT_TOLERANCE = 1e-3
 
 
 def onnx_metadata(art) -> dict[str, str]:
-    # pixclass_tta says what the graph already does (Probabilities): nothing reads it to apply it again
+    # pixclass_tta and pixclass_temperature say what the graph already does (Probabilities): nothing
+    # reads them to apply them again; pixclass_abstain is applied to the graph's probabilities
     return {"pixclass_classes": json.dumps(art.classes), "pixclass_preprocess": json.dumps(art.preprocess.to_dict()),
-            "pixclass_arch": json.dumps(art.arch), "pixclass_tta": art.tta}
+            "pixclass_arch": json.dumps(art.arch), **answer_metadata(art, "pixclass_")}
+
+
+def answer_metadata(art, prefix: str = "") -> dict[str, str]:
+    """What every export says of how its probabilities are made and read, as text values: the
+    test-time augmentation and calibration temperature its graph applies, and the abstain threshold
+    (JSON; "null": never unknown) its reader applies."""
+    return {f"{prefix}tta": art.tta, f"{prefix}temperature": repr(float(art.temperature)),
+            f"{prefix}abstain": json.dumps(art.abstain.to_dict() if art.abstain else None)}
 
 
 def export_onnx(art, path: Path) -> Path:
@@ -43,7 +52,7 @@ def export_onnx(art, path: Path) -> Path:
     pre = art.preprocess
     # the wrapper in eval mode too: the exporter restores the mode it found, and a wrapper left in
     # training mode would put the artifact's model back into it (BatchNorm then updates its statistics)
-    model = Probabilities(art.model.eval(), art.tta).eval()
+    model = Probabilities.of(art)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
                       output_names=["probabilities"],

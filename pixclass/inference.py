@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .abstain import Abstain
 from .data.transforms import Preprocess, batch_to_input
 from .errors import UserError, first_line
 from .tta import probabilities as tta_probabilities
+from .tta import view_logits
 
 
 def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
@@ -39,12 +41,18 @@ class Probabilities(nn.Module):
     TorchBackend runs and every export writes, so an exported file answers as the PyTorch model
     does, augmentation included."""
 
-    def __init__(self, model: nn.Module, tta: str = "none"):
+    def __init__(self, model: nn.Module, tta: str = "none", temperature: float = 1.0):
         super().__init__()
-        self.model, self.tta = model, tta
+        self.model, self.tta, self.temperature = model, tta, temperature
+
+    @classmethod
+    def of(cls, art, model: nn.Module | None = None) -> "Probabilities":
+        """The artifact's network (or `model`, a wrapper of it) with the artifact's test-time
+        augmentation and calibration temperature, in eval mode."""
+        return cls((model if model is not None else art.model).eval(), art.tta, art.temperature).eval()
 
     def forward(self, x):  # N x C x H x W (standardized) -> N x classes (probabilities)
-        return tta_probabilities(self.model, x, self.tta)
+        return tta_probabilities(self.model, x, self.tta, self.temperature)
 
 
 def _as_float32_array(x) -> np.ndarray:
@@ -60,8 +68,9 @@ class Backend:
     name = "backend"
     memory_format = torch.contiguous_format  # the layout `probabilities_uint8` standardizes into
 
-    def __init__(self, classes: list[str], preprocess: Preprocess):
+    def __init__(self, classes: list[str], preprocess: Preprocess, abstain: Abstain | None = None):
         self.classes, self.preprocess = list(classes), preprocess
+        self.abstain = abstain  # when its answer is "unknown" (abstain.py); None: never
 
     def probabilities(self, x) -> np.ndarray:
         """Standardized float N x C x H x W (numpy array or torch tensor) -> float32 N x K."""
@@ -83,14 +92,15 @@ class TorchBackend(Backend):
     name = "torch"
     memory_format = torch.channels_last
 
-    def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess, tta: str = "none"):
-        super().__init__(classes, preprocess)
+    def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess, tta: str = "none",
+                 temperature: float = 1.0, abstain: Abstain | None = None):
+        super().__init__(classes, preprocess, abstain)
         self.model = model.eval().to(memory_format=torch.channels_last)
-        self.network = Probabilities(self.model, tta)
+        self.network = Probabilities(self.model, tta, temperature)
 
     @classmethod
     def from_artifact(cls, art) -> "TorchBackend":
-        return cls(art.model, art.classes, art.preprocess, art.tta)
+        return cls(art.model, art.classes, art.preprocess, art.tta, art.temperature, art.abstain)
 
     def probabilities(self, x) -> np.ndarray:
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
@@ -121,7 +131,8 @@ class OnnxBackend(Backend):
         if "pixclass_classes" not in meta:
             raise UserError(f"{path} was not exported by pixclass (no class names or preprocessing in its metadata)")
         super().__init__(json.loads(meta["pixclass_classes"]),
-                         Preprocess.from_dict(json.loads(meta["pixclass_preprocess"])))
+                         Preprocess.from_dict(json.loads(meta["pixclass_preprocess"])),
+                         _abstain_of(meta.get("pixclass_abstain"), path))
         self.input_name = self.session.get_inputs()[0].name
 
     def probabilities(self, x) -> np.ndarray:
@@ -170,11 +181,20 @@ class LiteRTBackend(Backend):
         return (y.astype(np.float32) - zero) * scale if self.output["dtype"] != np.float32 else y
 
 
-def _read_sidecar(path) -> tuple[list[str], Preprocess]:
+def _abstain_of(text: str | None, path) -> Abstain | None:
+    """An export's abstain threshold from its metadata (JSON text; absent or "null": none)."""
+    try:
+        return Abstain.from_dict(json.loads(text)) if text else None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: its abstain threshold is not one pixclass wrote ({first_line(e)})") from None
+
+
+def _read_sidecar(path) -> tuple[list[str], Preprocess, Abstain | None]:
     side = litert_sidecar(path)
     try:
         meta = json.loads(side.read_text())
-        return meta["classes"], Preprocess.from_dict(meta["preprocess"])
+        return meta["classes"], Preprocess.from_dict(meta["preprocess"]), \
+            _abstain_of(json.dumps(meta.get("abstain")), side)
     except FileNotFoundError:
         raise UserError(f"{path} has no {side.name} beside it (class names and preprocessing); "
                         "export it with pixclass export --format tflite") from None
@@ -207,3 +227,20 @@ def predict_batches(backend: Backend, batches):
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(probs), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+
+
+@torch.inference_mode()
+def logits_of_batches(model: nn.Module, preprocess: Preprocess, batches, tta: str = "none"):
+    """The network's logits on each test-time view (tta.view_logits) of the images `batches`
+    yields as (uint8 images, labels, indices): (V x N x K float32 tensor, labels N). What
+    calibration and the abstain threshold are fitted on."""
+    model = model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for images, y, _ in batches:
+        logits.append(view_logits(model, batch_to_input(images.to(device), preprocess), tta).float().cpu())
+        labels.append(y)
+    if not logits:
+        return torch.zeros(1, 0, 0), np.zeros(0, np.int64)
+    return torch.cat(logits, dim=1), torch.cat(labels).numpy()
+

@@ -65,7 +65,7 @@ def confusion_matrix(matrix, classes: list[str], path: Path, normalize: bool = F
     return save(fig, path, 100)
 
 
-def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
+def reliability_diagram(table: list[dict], ece: float, path: Path, title: str = "") -> Path:
     fig = new_figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     centers = [(b["low"] + b["high"]) / 2 for b in table]
@@ -77,7 +77,7 @@ def reliability_diagram(table: list[dict], ece: float, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.set_title(f"reliability{' ' + title if title else ''} (ECE {ece:.3f})")
     ax.legend(loc="upper left")
     fig.tight_layout()
     return save(fig, path, 100)

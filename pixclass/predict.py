@@ -12,6 +12,7 @@ import torch
 from .data.decode import decode_image, to_mode
 from .data.loaders import DecodeAhead
 from .data.transforms import image_to_uint8
+from .abstain import UNKNOWN, Abstain, in_distribution_score
 from .inference import Backend, TorchBackend, open_backend
 
 
@@ -20,18 +21,34 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return [{"class": classes[i], "probability": float(probs[i])} for i in order]
 
 
-class Predictor:
-    """Decoded images -> probabilities with the model's own preprocessing, on any backend."""
+def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | None) -> dict:
+    """One image's probabilities -> {"answer": the top class, or "unknown" below the abstain
+    threshold; "unknown": whether it is (a class may be named "unknown"); "score": the abstain
+    score (None without a threshold); "top_k": the k likeliest classes}."""
+    best = classes[int(np.argmax(probs))]
+    if abstain is None:
+        return {"answer": best, "unknown": False, "score": None, "top_k": top_k(probs, classes, k)}
+    score = float(in_distribution_score(probs[None], abstain.method)[0])
+    unknown = score < abstain.threshold
+    return {"answer": UNKNOWN if unknown else best, "unknown": bool(unknown), "score": score,
+            "top_k": top_k(probs, classes, k)}
 
-    def __init__(self, source):
-        """`source`: a Backend, or a loaded artifact (run with PyTorch)."""
+
+class Predictor:
+    """Decoded images -> probabilities with the model's own preprocessing, on any backend, and
+    answers: a class, or "unknown" below the model's abstain threshold."""
+
+    def __init__(self, source, abstain: bool = True):
+        """`source`: a Backend, or a loaded artifact (run with PyTorch). `abstain=False`: always a
+        class, whatever the model's abstain threshold."""
         self.backend = source if isinstance(source, Backend) else TorchBackend.from_artifact(source)
         self.classes, self.preprocess = self.backend.classes, self.backend.preprocess
+        self.abstain = self.backend.abstain if abstain else None
 
     @classmethod
-    def load(cls, path) -> "Predictor":
+    def load(cls, path, abstain: bool = True) -> "Predictor":
         """A saved model folder, an .onnx or a .tflite file."""
-        return cls(open_backend(path))
+        return cls(open_backend(path), abstain)
 
     def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 N x C x H x W -> probabilities N x K."""
@@ -66,7 +83,7 @@ class Predictor:
 
     def predict_stream(self, paths: list[Path], k: int = 5, batch_size: int = 64, workers: int | None = None,
                        max_bytes: int = 1 << 27):
-        """Per batch of `paths`, in their order: a list of records, {"path", "top_k"} for an image
+        """Per batch of `paths`, in their order: a list of records, {"path", **answer(...)} for an image
         and {"path", "error"} for a file that cannot be read. Files are decoded by worker
         processes (data.loaders.DecodeAhead) up to `max_bytes` of images ahead of the model, so
         decoding and inference overlap and memory stays flat however many files there are."""
@@ -76,7 +93,7 @@ class Predictor:
             for chunk in decoded:
                 images = [img for _, img, _ in chunk if img is not None]
                 rows = iter(self.probabilities_uint8(torch.stack(images)) if images else [])
-                yield [{"path": str(paths[i]), "top_k": top_k(next(rows), self.classes, k)} if img is not None
+                yield [{"path": str(paths[i]), **answer(next(rows), self.classes, k, self.abstain)} if img is not None
                        else {"path": str(paths[i]), "error": reason} for i, img, reason in chunk]
         finally:
             decoded.close()

@@ -1,6 +1,6 @@
 """Prediction records written to a file as they come, in the format its suffix names: .csv, .jsonl
-or .parquet. A record is {"path", "top_k": [{"class", "probability"}, ...]} for an image, or
-{"path", "error"} for a file that could not be read.
+or .parquet. A record is {"path", "answer", "unknown", "score", "top_k": [{"class", "probability"}, ...]}
+for an image (predict.answer), or {"path", "error"} for a file that could not be read.
 
 Each batch is written with one write and flushed, so a killed run loses at most the batch being
 written. A CSV or JSONL file can be continued (`--resume`): its complete lines say which files are
@@ -130,11 +130,12 @@ class _LineWriter:
 
 
 class CsvFormat(_LineFormat):
-    """path, class, probability (the top class), then class_2, probability_2, ... up to k, and error."""
+    """path, class, probability (the top class), then class_2, probability_2, ... up to k, answer (the
+    top class or "unknown"), score (the abstain score; empty without a threshold), and error."""
 
     def columns(self, k: int) -> list[str]:
         rest = [f"{name}_{i}" for i in range(2, k + 1) for name in ("class", "probability")]
-        return ["path", "class", "probability", *rest, "error"]
+        return ["path", "class", "probability", *rest, "answer", "score", "error"]
 
     def _row(self, values: list) -> str:
         buffer = io.StringIO()
@@ -149,9 +150,10 @@ class CsvFormat(_LineFormat):
 
     def line(self, record: dict, k: int) -> str:
         if "error" in record:
-            return self._row([record["path"], *[""] * (2 * k), record["error"]])
+            return self._row([record["path"], *[""] * (2 * k + 2), record["error"]])
         cells = [v for c in record["top_k"] for v in (c["class"], f"{c['probability']:.6f}")]
-        return self._row([record["path"], *cells, *[""] * (2 * k - len(cells)), ""])
+        score = "" if record["score"] is None else f"{record['score']:.6f}"
+        return self._row([record["path"], *cells, *[""] * (2 * k - len(cells)), record["answer"], score, ""])
 
     def path_of(self, line: str) -> str:
         return next(csv.reader([line]))[0]
@@ -160,8 +162,10 @@ class CsvFormat(_LineFormat):
 class JsonlFormat(_LineFormat):
     def line(self, record: dict, k: int) -> str:
         if "error" not in record:
-            record = {"path": record["path"], "top_k": [{"class": c["class"], "probability": _probability(c["probability"])}
-                                                        for c in record["top_k"]]}
+            score = None if record["score"] is None else _probability(record["score"])
+            record = {"path": record["path"], "answer": record["answer"], "unknown": record["unknown"], "score": score,
+                      "top_k": [{"class": c["class"], "probability": _probability(c["probability"])}
+                                for c in record["top_k"]]}
         return json.dumps(record, ensure_ascii=False) + "\n"
 
     def path_of(self, line: str) -> str:
@@ -186,7 +190,8 @@ class ParquetFormat:
         for i in range(1, k + 1):
             suffix = "" if i == 1 else f"_{i}"
             fields += [pa.field(f"class{suffix}", pa.string()), pa.field(f"probability{suffix}", pa.float64())]
-        return pa.schema(fields + [pa.field("error", pa.string())])
+        return pa.schema(fields + [pa.field("answer", pa.string()), pa.field("score", pa.float64()),
+                                   pa.field("error", pa.string())])
 
     def open_writer(self, path: Path, k: int, append: bool) -> "_ParquetWriter":
         return _ParquetWriter(self, path, k)
@@ -200,7 +205,8 @@ class ParquetFormat:
                 top = r.get("top_k", [])
                 c = top[i] if i < len(top) else None
                 values += [c["class"], _probability(c["probability"])] if c else [None, None]
-            values.append(r.get("error"))
+            score = r.get("score")
+            values += [r.get("answer"), None if score is None else _probability(score), r.get("error")]
             for name, v in zip(names, values):
                 columns[name].append(v)
         return columns

@@ -4,7 +4,8 @@ the same figures as PNG files beside it.
 Sections: run summary and config, data, training curves, metrics (named after the split they come
 from), per-class table, confusion matrix (counts and normalized), most-confused pairs, the
 worst-scored held-out images with their Grad-CAM overlays, and calibration (ECE with a
-reliability diagram)."""
+reliability diagram, before and after the run's temperature scaling; the share of images the
+model answers "unknown")."""
 
 from __future__ import annotations
 
@@ -79,6 +80,23 @@ def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[
     return plots.image_gallery(items, out / "top_losses.png"), rows
 
 
+def _calibration_section(art, calib: dict, before: dict | None, figs: dict, probs: np.ndarray) -> str:
+    ece = f"<b>{calib['ece']:.4f}</b>"
+    if before is not None:
+        text = (f"<p>expected calibration error (15 bins): {before['ece']:.4f} before, {ece} after temperature "
+                f"scaling (T = {art.temperature:.3f}, fitted on the validation split)</p>")
+        images = img_tag(figs["reliability_before"]) + img_tag(figs["reliability"])
+    else:
+        text = f"<p>expected calibration error (15 bins): {ece} (temperature {art.temperature:.3f})</p>"
+        images = img_tag(figs["reliability"])
+    if art.abstain is not None:
+        share = float(art.abstain.unknown(probs).mean()) if len(probs) else 0.0
+        text += (f"<p>answered <i>unknown</i> below a {html.escape(art.abstain.method.replace('_', ' '))} of "
+                 f"{art.abstain.threshold:.4f} (keeps {art.abstain.keep:.0%} of the validation images): "
+                 f"{share:.1%} of these images</p>")
+    return text + images
+
+
 def run_title(run_dir: Path) -> str:
     """The heading of a training run's report: the run folder's name, set apart from the words
     before it, so that a folder named `run` reads "pixclass run: run" rather than "pixclass run run"."""
@@ -93,8 +111,10 @@ def metrics_section_title(metrics: dict) -> str:
 
 def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.ndarray, paths: list,
                  history: list[dict] | None = None, counts: dict | None = None, title: str | None = None,
-                 run_info: dict | None = None, plotter: InlinePlotter | None = None) -> Path:
-    """`plotter`: where the matplotlib figures are drawn (a training run's PlotWorker draws them
+                 run_info: dict | None = None, plotter: InlinePlotter | None = None,
+                 uncalibrated: np.ndarray | None = None) -> Path:
+    """`probs`: the artifact's (calibrated) probabilities; `uncalibrated`: the same images' before
+    temperature scaling (a training run's), shown beside them. `plotter`: where the matplotlib figures are drawn (a training run's PlotWorker draws them
     while this process computes the Grad-CAM gallery); in this process by default. `title`:
     `run_title(out)` by default."""
     out = Path(out)
@@ -108,13 +128,19 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
             "confusion_norm": plotter.submit(plots.confusion_matrix, cm, classes,
                                              out / "confusion_matrix_normalized.png", True),
             "reliability": plotter.submit(plots.reliability_diagram, calib["bins"], calib["ece"],
-                                          out / "reliability.png")}
+                                          out / "reliability.png",
+                                          "after calibration" if uncalibrated is not None else "")}
+    before = calibration(labels, uncalibrated) if uncalibrated is not None else None
+    if before is not None:
+        figs["reliability_before"] = plotter.submit(plots.reliability_diagram, before["bins"], before["ece"],
+                                                    out / "reliability_uncalibrated.png", "before calibration")
     if history:
         figs["curves"] = plotter.submit(plots.training_curves, history, out / "curves.png")
     gallery, worst = _top_losses(art, probs, labels, paths, out)
     figs = {k: v.get() for k, v in figs.items()}
     pairs = most_confused(cm, classes)
-    (out / "calibration.json").write_text(json.dumps(calib, indent=2))
+    (out / "calibration.json").write_text(json.dumps(
+        {**calib, "temperature": art.temperature, **({"before": before} if before else {})}, indent=2))
 
     s = {}
     info = dict(run_info or {})
@@ -154,7 +180,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     s["top-losses"] = (img_tag(gallery) if gallery else "") + html_table(
         [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
         ["image", "true", "predicted", "probability", "loss"])
-    s["calibration"] = f"<p>expected calibration error (15 bins): <b>{calib['ece']:.4f}</b></p>" + img_tag(figs["reliability"])
+    s["calibration"] = _calibration_section(art, calib, before, figs, probs)
     titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves",
               "metrics": metrics_section_title(metrics), "per-class": "Per-class precision, recall, F1",
               "confusion": "Confusion matrix",

@@ -7,7 +7,10 @@ everything that turns that model into probabilities (the inference backends, eve
 service and the exported files all answer the same way.
 
 - "none": softmax of the network's output;
-- "hflip": the mean of the softmax on the image and on its left-right mirror."""
+- "hflip": the mean of the softmax on the image and on its left-right mirror.
+
+The artifact's calibration temperature (calibration.py) divides the logits of every view before
+its softmax, here, so it travels into every export with the rest of the graph."""
 
 from __future__ import annotations
 
@@ -17,20 +20,38 @@ from torch import nn
 TTA_MODES = ("none", "hflip")
 
 
-def probabilities(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def probabilities(model: nn.Module, x: torch.Tensor, tta: str = "none", temperature: float = 1.0) -> torch.Tensor:
     """Standardized N x C x H x W -> float32 probabilities N x K, averaged over the views `tta`
-    names."""
+    names, each view's logits divided by `temperature` first."""
+    if tta == "none":  # no views to stack: the exported graph is the network and its softmax
+        return _softmax(_scaled(model(x), temperature))
+    return combine_views(view_logits(model, x, tta), temperature)
+
+
+def view_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Standardized N x C x H x W -> the network's logits on each view `tta` names, V x N x K."""
     if tta == "none":
-        return _softmax(model(x))
+        return model(x)[None]
     if tta == "hflip":
         # both views in one batch: one pass through the network (and one copy of it in an exported
         # graph) rather than two
-        probs = _softmax(model(torch.cat([x, x.flip(3)])))  # 2N x K: the images, then their mirrors
-        return probs.reshape(2, -1, probs.shape[1]).mean(0)
+        logits = model(torch.cat([x, x.flip(3)]))  # 2N x K: the images, then their mirrors
+        return logits.reshape(2, -1, logits.shape[1])
     raise ValueError(f"unknown test-time augmentation {tta!r} (one of {', '.join(TTA_MODES)})")
+
+
+def combine_views(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """V x N x K logits -> N x K probabilities: the mean over the views of softmax(logits / T)."""
+    probs = _softmax(_scaled(logits, temperature))
+    return probs[0] if probs.shape[0] == 1 else probs.mean(0)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # an uncalibrated model's graph gets no extra operation
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
     # in float32 whatever the model's dtype, so a bf16 or fp16 model still gives probabilities that
     # sum to 1; a float32 model's graph (what exports trace) gets no cast at all
-    return torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=1)
+    return torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)

@@ -33,13 +33,14 @@ def test_csv_and_jsonl_have_one_record_per_file_with_the_top_class_first(trained
     assert proc.returncode == 0, proc.stderr
     assert "backend: " in proc.stderr and "1 unreadable file(s)" in proc.stderr
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    assert list(rows[0]) == ["path", "class", "probability", "class_2", "probability_2", "error"]
+    assert list(rows[0]) == ["path", "class", "probability", "class_2", "probability_2", "answer", "score", "error"]
     assert [r["path"] for r in rows] == _files_in(shapes_session) + [str(broken)]  # input order, each once
     stdout = json.loads(run_cli("predict", model, shapes_session, "--json", "-k", "2").stdout)
     for row, shown in zip(rows, stdout):
         assert row["path"] == shown["path"] and row["class"] == shown["top_k"][0]["class"]
         assert float(row["probability"]) == pytest.approx(shown["top_k"][0]["probability"], abs=1e-6)
         assert float(row["probability"]) >= float(row["probability_2"]) and row["error"] == ""
+        assert row["answer"] == shown["answer"] and float(row["score"]) == pytest.approx(shown["score"], abs=1e-6)
     assert rows[-1]["class"] == "" and rows[-1]["error"]  # the unreadable file: a row that says why
     correct = sum(r["class"] == Path(r["path"]).parent.name for r in rows[:-1])
     assert correct / (len(rows) - 1) > 0.8  # a trained model's answers, not placeholders

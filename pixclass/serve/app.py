@@ -70,6 +70,7 @@ class Settings:
     log_images: bool = False  # also store each image's bytes, when not over log_image_limit_kb
     log_image_limit_kb: int = 1024
     log_queue: int = 1000  # predictions that may wait for the database; beyond, they are dropped and counted
+    abstain: bool = True  # answer "unknown" below the model's abstain threshold (`--abstain off`: never)
 
     @property
     def request_pixels(self) -> int:
@@ -79,6 +80,9 @@ class Settings:
 class FilePrediction(BaseModel):
     id: str = Field(description="this prediction's id: the key for POST /v1/feedback when the service logs predictions")
     filename: str
+    answer: str  # the top class, or "unknown" below the model's abstain threshold
+    unknown: bool
+    score: float | None  # the abstain score (None: the model has no threshold, or --abstain off)
     top_k: list[dict]
 
 
@@ -113,7 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from .. import artifact as artifact_io
-    from ..predict import top_k
+    from ..predict import answer
 
     registry = CollectorRegistry()
     requests_total = Counter("pixclass_requests_total", "requests", ["route", "status"], registry=registry)
@@ -178,7 +182,9 @@ def create_app(settings: Settings) -> FastAPI:
         contents = await read(files)
         probs = await state["batcher"].submit(await state["decoder"].decode([n or "<upload>" for n in names], contents))
         classes = state["art"].classes
-        answers = [top_k(p, classes, min(k, len(classes))) for p in probs]
+        abstain = state["art"].abstain if settings.abstain else None
+        records = [answer(p, classes, min(k, len(classes)), abstain) for p in probs]
+        answers = [r["top_k"] for r in records]  # what the prediction log keeps
         request_id = x_request_id if x_request_id and REQUEST_ID.fullmatch(x_request_id) else uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in files]
         response.headers["X-Request-ID"] = request_id
@@ -186,7 +192,7 @@ def create_app(settings: Settings) -> FastAPI:
             background.add_task(log_predictions, ids, request_id, names, contents, answers,
                                 1000 * (time.perf_counter() - start))
         return {"model": state["art"].arch["name"], "version": state["version"], "request_id": request_id,
-                "predictions": [{"id": i, "filename": n, "top_k": a} for i, n, a in zip(ids, names, answers)]}
+                "predictions": [{"id": i, "filename": n, **r} for i, n, r in zip(ids, names, records)]}
 
     async def log_predictions(*request) -> None:
         from .prediction_log import prediction_rows
@@ -219,7 +225,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def model_info():
         art = state["art"]
         return {"name": art.arch["name"], "version": state["version"], "digest": state["digest"], "classes": art.classes,
-                "preprocess": art.preprocess.to_dict(), "tta": art.tta, "metrics": art.metrics,
+                "preprocess": art.preprocess.to_dict(), "tta": art.tta, "temperature": art.temperature,
+                "abstain": art.abstain.to_dict() if art.abstain and settings.abstain else None, "metrics": art.metrics,
                 "versions": art.versions,
                 "backend": {"name": state["backend"].name, "reason": state["backend_reason"]}}
 

@@ -5,6 +5,7 @@ metrics, curves, checkpoints, model, evaluation, report)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -31,6 +32,7 @@ from ..report import write_report
 from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
 from .budget import Budget
+from .calibrate import calibrate
 from .checkpoint import load_checkpoint
 from .recipes import FitResult, Job, choose_recipe, validation_accuracy
 from .tracking import Tracking, check_installed
@@ -262,11 +264,21 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     data, cfg = job.data, job.cfg
     already_named = set(data.skipped)  # by prepare_data
     report_skipped([s for s in result.skipped if s not in already_named], job.reporter)
+    calibrated = calibrate(job.model, data, result.tta, result.held_out.split if result.held_out else None,
+                           job.reporter, cfg.data.max_memory_gb)
+    held, uncalibrated = result.held_out, None
+    if calibrated is not None and held is not None and calibrated.held_out is not None \
+            and len(calibrated.held_out) == len(held.labels):
+        # the run's figures are those of the calibrated model (what `pixclass evaluate` gives); the
+        # report shows calibration before and after
+        uncalibrated = held.probabilities
+        held = dataclasses.replace(held, probabilities=calibrated.held_out)
     metrics = {}
-    if result.held_out is not None:
-        held = result.held_out
+    if held is not None:
         metrics = dict(classification_metrics(held.labels, held.probabilities, data.classes), split=held.split,
                        **result.metrics)
+        if calibrated is not None:
+            metrics["temperature"] = calibrated.temperature
         # said again beside the final accuracy: a class with no held-out image is not in that number
         if (val_accuracy := validation_accuracy(result)) is not None:
             metrics["val_accuracy"] = val_accuracy  # what `pixclass tune` selected on
@@ -274,19 +286,20 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         if note:
             job.reporter.warn(note)
     art = artifact_io.Artifact(model=job.model, arch=job.arch, classes=data.classes, preprocess=data.preprocess,
-                               config=cfg.to_dict(), tta=result.tta)
+                               config=cfg.to_dict(), tta=result.tta,
+                               temperature=calibrated.temperature if calibrated else 1.0,
+                               abstain=calibrated.abstain if calibrated else None)
     art.metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}
     model_dir = artifact_io.save(art, run_dir / "model")  # before the report: nothing it does can cost the model
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a resumed run that has now finished
     report = None
     if metrics:
-        held = result.held_out
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
         report = write_report(run_dir, art, metrics, held.probabilities, held.labels, held.paths,
                               history=result.history, counts=data.counts(),
                               run_info=_run_info(job, result, run_dir, started),
-                              plotter=plotter)
+                              plotter=plotter, uncalibrated=uncalibrated)
     elif result.history:  # no held-out split, so no report: the curves on their own
         from ..plots import training_curves
         plotter.submit(training_curves, result.history, run_dir / "curves.png").get()

@@ -65,6 +65,12 @@ function show(probs) {
     resultEl.appendChild(row);
   }
   resultEl.dataset.top = meta.classes[order[0]];
+  // below the abstain threshold (meta.json, fixed on validation images): "unknown", as predict answers
+  const score = probs[order[0]];
+  const unknown = meta.abstain != null && meta.abstain.method === "max_probability" && score < meta.abstain.threshold;
+  resultEl.dataset.answer = unknown ? "unknown" : meta.classes[order[0]];
+  resultEl.dataset.unknown = String(unknown);
+  resultEl.dataset.score = score.toFixed(6);
 }
 
 document.getElementById("file").addEventListener("change", async (event) => {
@@ -77,7 +83,9 @@ document.getElementById("file").addEventListener("change", async (event) => {
     preview.style.display = "block";
     const output = await session.run({ [session.inputNames[0]]: toTensor(bitmap) });
     show(Array.from(output[session.outputNames[0]].data));
-    statusEl.textContent = `top class: ${resultEl.dataset.top}`;
+    statusEl.textContent = resultEl.dataset.unknown === "true"
+      ? `unknown (score ${resultEl.dataset.score.slice(0, 5)}): none of the classes fits well`
+      : `top class: ${resultEl.dataset.top}`;
   } catch (e) {
     statusEl.textContent = `could not classify this file: ${e.message}`;
   }

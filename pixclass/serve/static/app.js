@@ -48,6 +48,13 @@ async function classify(file) {
   if (!r.ok) { card.remove(); errorEl.textContent = `${file.name}: ${body.detail || body.error}`; return; }
   const prediction = body.predictions[0];
   card.dataset.top = prediction.top_k[0].class;
+  card.dataset.answer = prediction.answer;
+  if (prediction.unknown) { // below the model's abstain threshold: unlike the images it was trained on
+    const note = document.createElement("p");
+    note.className = "unknown";
+    note.textContent = `unknown (score ${prediction.score.toFixed(3)}): none of the classes fits well`;
+    card.appendChild(note);
+  }
   card.appendChild(bars(prediction.top_k));
   if (camToggle.checked) {
     const f = new FormData();
