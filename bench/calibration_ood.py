@@ -7,7 +7,7 @@ out-of-distribution images. Reports
 - ECE (15 bins) and top-1 accuracy on the test split before and after temperature scaling, with
   the T fitted here and the T stored in the artifact (they should agree);
 - for each candidate score (max softmax probability of the calibrated probabilities, max logit,
-  negative energy): AUROC of test vs OOD images, and at the threshold that keeps `--keep` of the
+  negative energy at T): AUROC of test vs OOD images, and at the threshold that keeps `--keep` of the
   validation images the share of test and of OOD images that come back unknown;
 - the same at the threshold stored in the artifact (its own method).
 
@@ -52,7 +52,7 @@ def logits_of(art, paths, labels):
 def scores(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
     """Candidate in-distribution scores (higher: more like the training data), per image."""
     probs = combine_views(logits, temperature)
-    return {"msp": probs.max(1).values.numpy(),
+    return {"max_probability": probs.max(1).values.numpy(),
             "max_logit": logits.max(2).values.mean(0).numpy(),
             "energy": (temperature * torch.logsumexp(logits / temperature, dim=2)).mean(0).numpy()}
 
@@ -67,12 +67,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     art = artifact_io.load(args.run_dir / "model")
-    val_logits, val_labels = logits_of(art, *split_files(args.run_dir, art, "val"))
-    test_logits, test_labels = logits_of(art, *split_files(args.run_dir, art, "test"))
     ood_paths = sorted(p for files in scan_class_folders(args.ood, []).values() for p in files)
     step = max(1, len(ood_paths) // args.ood_limit)
     ood_paths = ood_paths[::step][:args.ood_limit]
-    ood_logits, _ = logits_of(art, ood_paths, [0] * len(ood_paths))
+    cache = args.run_dir / f"bench_logits_{args.ood.name}_{len(ood_paths)}.pt"  # the model's outputs, computed once
+    if cache.is_file():
+        val_logits, val_labels, test_logits, test_labels, ood_logits = torch.load(cache, weights_only=False)
+    else:
+        val_logits, val_labels = logits_of(art, *split_files(args.run_dir, art, "val"))
+        test_logits, test_labels = logits_of(art, *split_files(args.run_dir, art, "test"))
+        ood_logits, _ = logits_of(art, ood_paths, [0] * len(ood_paths))
+        torch.save((val_logits, val_labels, test_logits, test_labels, ood_logits), cache)
     fitted = fit_temperature(val_logits, val_labels)
     result = {"run": str(args.run_dir), "ood": str(args.ood), "n_val": len(val_labels), "n_test": len(test_labels),
               "n_ood": len(ood_paths), "tta": art.tta, "temperature_fitted": fitted,

@@ -42,8 +42,7 @@ def view_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
 
 def combine_views(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """V x N x K logits -> N x K probabilities: the mean over the views of softmax(logits / T)."""
-    probs = _softmax(_scaled(logits, temperature))
-    return probs[0] if probs.shape[0] == 1 else probs.mean(0)
+    return _softmax(_scaled(logits, temperature)).mean(0)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
 def tiny_artifact(seed: int = 0):
     """What export_onnx reads of an artifact."""
     return SimpleNamespace(model=tiny_model(seed), classes=CLASSES, preprocess=PRE, arch={"name": "tiny"},
-                           tta="none")
+                           tta="none", temperature=1.0, abstain=None)
 
 
 def uint8_batch(n: int = 6, seed: int = 1) -> torch.Tensor:

@@ -23,7 +23,8 @@ def test_webapp_on_a_phone_offline(trained_run, shapes_session, tmp_path):
     proc = run_cli("export", trained_run["model_dir"], "--format", "webapp", "--out", app, "--json")
     assert proc.returncode == 0, proc.stderr
     image = shapes_session / "triangle" / "triangle_005.png"
-    expected = json.loads(run_cli("predict", trained_run["model_dir"], image, "--json").stdout)[0]["top_k"][0]["class"]
+    predicted = json.loads(run_cli("predict", trained_run["model_dir"], image, "--json").stdout)[0]
+    expected = predicted["top_k"][0]["class"]
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(app))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -46,6 +47,8 @@ def test_webapp_on_a_phone_offline(trained_run, shapes_session, tmp_path):
             page.set_input_files("#file", str(image))
             page.wait_for_function("document.getElementById('result').dataset.top", timeout=30000)
             online = page.evaluate("document.getElementById('result').dataset.top")
+            # the answer with the model's abstain threshold (meta.json), as predict gives it
+            answer = page.evaluate("document.getElementById('result').dataset.answer")
             page.screenshot(path=str(tmp_path / "phone.png"))
 
             context.set_offline(True)  # the network is gone: everything must come from the service worker
@@ -61,3 +64,10 @@ def test_webapp_on_a_phone_offline(trained_run, shapes_session, tmp_path):
         server.shutdown()
     assert errors == []
     assert online == expected and offline == expected
+    assert answer == predicted["answer"]
+    meta = json.loads((app / "meta.json").read_text())
+    assert meta["abstain"] and meta["abstain"]["threshold"] == pytest.approx(predicted_threshold(trained_run))
+
+
+def predicted_threshold(run: dict) -> float:
+    return json.loads((Path(run["model_dir"]) / "pixclass.json").read_text())["abstain"]["threshold"]

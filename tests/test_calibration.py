@@ -1,0 +1,161 @@
+"""Calibration (temperature scaling) and the "unknown" answer (abstain threshold): fitted at the
+end of a run on its validation split, stored in the artifact, applied by predict, evaluate, the
+service and the exports; an artifact written before them still loads and never abstains."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from pixclass import artifact as artifact_io
+from pixclass.abstain import Abstain, fit_abstain
+from pixclass.calibration import fit_temperature
+from pixclass.inference import OnnxBackend, TorchBackend
+from pixclass.predict import Predictor
+from pixclass.tta import combine_views, probabilities
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "artifacts-6de4714"
+
+
+def test_fitted_temperature_recovers_the_one_the_labels_were_drawn_with():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2000, 5, generator=g) * 4
+    labels = torch.multinomial(torch.softmax(logits[0] / 2.5, 1), 1, generator=g)[:, 0]
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+    # two views (test-time augmentation): the probabilities averaged over them are what is fitted
+    views = torch.stack([logits[0], logits[0] + 0.1 * torch.randn(2000, 5, generator=g)])
+    t = fit_temperature(views, labels)
+    assert t == pytest.approx(2.5, rel=0.15)
+    nll = lambda t: torch.nn.functional.nll_loss(combine_views(views, t).log(), labels).item()  # noqa: E731
+    assert nll(t) <= min(nll(t * 0.9), nll(t * 1.1))
+
+
+def test_temperature_keeps_the_top_class_and_the_threshold_keeps_the_share_asked_for():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x = torch.randn(50, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain, scaled = probabilities(model, x), probabilities(model, x, temperature=3.0)
+    assert torch.equal(plain.argmax(1), scaled.argmax(1)) and (scaled.max(1).values < plain.max(1).values).all()
+    abstain = fit_abstain(scaled.numpy(), keep=0.9)
+    assert abstain.unknown(scaled.numpy()).mean() == pytest.approx(0.1, abs=0.021)
+
+
+def test_a_run_stores_calibration_and_its_report_shows_before_and_after(trained_run):
+    model_dir, run_dir = Path(trained_run["model_dir"]), Path(trained_run["run_dir"])
+    meta = json.loads((model_dir / "pixclass.json").read_text())
+    assert meta["temperature"] != 1.0 and meta["temperature"] == trained_run["metrics"]["temperature"]
+    assert meta["abstain"]["method"] == "max_probability" and meta["abstain"]["keep"] == 0.95
+    calib = json.loads((run_dir / "calibration.json").read_text())
+    assert calib["temperature"] == meta["temperature"] and "ece" in calib["before"]
+    page = (run_dir / "report.html").read_text()
+    assert "before, <b>" in page and "reliability_uncalibrated.png" in page and "answered <i>unknown</i>" in page
+    # the run's figures are the calibrated model's: what `pixclass evaluate` gives
+    art = artifact_io.load(model_dir)
+    assert art.temperature == meta["temperature"] and art.abstain == Abstain(**meta["abstain"])
+    backend = TorchBackend.from_artifact(art)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.softmax(art.model(x) / art.temperature, 1).numpy()
+    np.testing.assert_allclose(backend.probabilities(x), expected, atol=1e-6)
+
+
+def noise_images(folder: Path, n: int = 12) -> Path:
+    """Uniform colour noise: nothing like the drawn shapes the model was trained on."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"noise_{i:02d}.png")
+    return folder
+
+
+def test_predict_answers_unknown_for_noise_and_abstain_off_turns_it_off(trained_run, shapes_session, tmp_path):
+    noise = noise_images(tmp_path / "noise")
+    shapes = sorted(shapes_session.rglob("*.png"))[::4]
+    out = json.loads(run_cli("predict", trained_run["model_dir"], noise, *shapes, "--json").stdout)
+    on_noise, on_shapes = out[:12], out[12:]
+    assert sum(r["unknown"] for r in on_noise) >= 6, [r["score"] for r in on_noise]
+    assert sum(r["unknown"] for r in on_shapes) <= len(on_shapes) // 5
+    for r in out:
+        assert r["answer"] == ("unknown" if r["unknown"] else r["top_k"][0]["class"])
+        assert r["score"] == pytest.approx(r["top_k"][0]["probability"])
+    off = json.loads(run_cli("predict", trained_run["model_dir"], noise, "--json", "--abstain", "off").stdout)
+    assert all(not r["unknown"] and r["score"] is None and r["answer"] == r["top_k"][0]["class"] for r in off)
+    table = run_cli("predict", trained_run["model_dir"], noise).stdout
+    assert "unknown" in table
+    bad = run_cli("predict", trained_run["model_dir"], noise, "--abstain", "maybe")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --abstain must be on or off (got 'maybe')"]
+
+
+def test_service_answers_unknown_for_noise(trained_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pixclass.serve.app import Settings, create_app
+    noise = sorted(noise_images(tmp_path / "noise").iterdir())
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in noise]
+    expected = Predictor(artifact_io.load(trained_run["model_dir"]))
+    expected = [r["unknown"] for r in expected.predict_files(noise)[0]]
+    for abstain in (True, False):
+        with TestClient(create_app(Settings(model=trained_run["model_dir"], abstain=abstain))) as client:
+            body = client.post("/v1/predict", files=files).json()
+            info = client.get("/v1/model").json()
+        got = [p["unknown"] for p in body["predictions"]]
+        if abstain:
+            assert got == expected and sum(got) >= 6
+            assert all(p["answer"] == "unknown" for p in body["predictions"] if p["unknown"])
+            assert info["abstain"]["threshold"] > 0 and info["temperature"] != 1.0
+        else:
+            assert not any(got) and info["abstain"] is None
+
+
+def test_evaluate_reports_the_share_answered_unknown(trained_run, shapes_session, tmp_path):
+    proc = run_cli("evaluate", trained_run["model_dir"], shapes_session, "--json", "-q", "--out", tmp_path / "e")
+    metrics = json.loads(proc.stdout)
+    assert 0 <= metrics["unknown_share"] <= 0.2 and 0.5 <= metrics["answered_accuracy"] <= 1
+    assert metrics["abstain"] == json.loads((Path(trained_run["model_dir"]) / "pixclass.json").read_text())["abstain"]
+    off = json.loads(run_cli("evaluate", trained_run["model_dir"], shapes_session, "--json", "-q",
+                             "--abstain", "off", "--out", tmp_path / "f").stdout)
+    assert "unknown_share" not in off and off["accuracy"] == metrics["accuracy"]
+
+
+def test_onnx_export_bakes_the_temperature_and_carries_the_threshold(trained_run, tmp_path):
+    proc = run_cli("export", trained_run["model_dir"], "--out", tmp_path / "m.onnx", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["passed"], proc.stderr
+    art = artifact_io.load(trained_run["model_dir"])
+    onnx = OnnxBackend(tmp_path / "m.onnx")
+    assert onnx.abstain == art.abstain
+    meta = onnx.session.get_modelmeta().custom_metadata_map
+    assert float(meta["pixclass_temperature"]) == art.temperature
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(onnx.probabilities(x), TorchBackend.from_artifact(art).probabilities(x), atol=1e-5)
+
+
+def test_an_artifact_from_before_calibration_loads_and_never_abstains(tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(FIXTURES / "seed-cnn", folder)
+    assert "temperature" not in json.loads((folder / "pixclass.json").read_text())
+    art = artifact_io.load(folder)
+    assert art.temperature == 1.0 and art.abstain is None
+    [record], _ = Predictor(art).predict_files([FIXTURES / "circle.png"])
+    assert record["unknown"] is False and record["score"] is None and record["answer"] == record["top_k"][0]["class"]
+    artifact_io.save(art, tmp_path / "resaved")  # written back with the defaults, loads the same
+    assert artifact_io.load(tmp_path / "resaved").temperature == 1.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", 0.0, "temperature: Input should be greater than or equal to 0.05"),
+    ("temperature", "2", "temperature: Input should be a valid number"),
+    ("abstain", {"method": "energy", "threshold": 0.5, "keep": 0.95}, "abstain.method: Input should be"),
+])
+def test_a_damaged_calibration_is_one_error_line(tmp_path, field, value, message):
+    folder = tmp_path / "m"
+    shutil.copytree(FIXTURES / "seed-cnn", folder)
+    meta = json.loads((folder / "pixclass.json").read_text())
+    meta[field] = value
+    (folder / "pixclass.json").write_text(json.dumps(meta))
+    proc = run_cli("predict", folder, FIXTURES / "circle.png")
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
