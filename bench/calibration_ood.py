@@ -11,7 +11,10 @@ out-of-distribution images. Reports
   validation images the share of test and of OOD images that come back unknown;
 - the same at the threshold stored in the artifact (its own method).
 
-usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--keep 0.95] [--json FILE]"""
+With `--embedding` (pretrained backbones), also the cosine similarity of the backbone's pooled
+features to the nearest training image's.
+
+usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--keep 0.95] [--embedding] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -57,6 +60,23 @@ def scores(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
             "energy": (temperature * torch.logsumexp(logits / temperature, dim=2)).mean(0).numpy()}
 
 
+def embedding_scores(args, art, ood_paths) -> dict[str, np.ndarray]:
+    """A pretrained backbone's pooled features: each image's cosine similarity to its nearest
+    training image (deep nearest neighbours, Sun et al. 2022), for val, test and OOD images."""
+    cache = args.run_dir / f"bench_embeddings_{args.ood.name}_{len(ood_paths)}.pt"
+    if cache.is_file():
+        embedded = torch.load(cache, weights_only=False)
+    else:
+        def embed(paths, labels):
+            split, _ = load_split(paths, labels, art.preprocess, Reporter(quiet=True), max_memory_gb=8)
+            features, _ = logits_of_batches(art.model.backbone, art.preprocess, split.batches(64))
+            return torch.nn.functional.normalize(features[0], dim=1)
+        embedded = {name: embed(*split_files(args.run_dir, art, name)) for name in ("train", "val", "test")}
+        embedded["ood"] = embed(ood_paths, [0] * len(ood_paths))
+        torch.save(embedded, cache)
+    return {name: (embedded[name] @ embedded["train"].T).max(1).values.numpy() for name in ("val", "test", "ood")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
@@ -64,6 +84,7 @@ def main() -> None:
     parser.add_argument("--ood-limit", type=int, default=2000)
     parser.add_argument("--keep", type=float, default=0.95)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--embedding", action="store_true", help="also kNN on a pretrained backbone's features")
     args = parser.parse_args()
     torch.manual_seed(0)
     art = artifact_io.load(args.run_dir / "model")
@@ -96,6 +117,13 @@ def main() -> None:
             "auroc": float(roc_auc_score(truth, np.r_[test_s[name], ood_s[name]])),
             "threshold": threshold, "test_unknown": float((test_s[name] < threshold).mean()),
             "ood_unknown": float((ood_s[name] < threshold).mean())}
+    if args.embedding:
+        knn = embedding_scores(args, art, ood_paths)
+        truth = np.r_[np.ones(len(knn["test"])), np.zeros(len(knn["ood"]))]
+        threshold = float(np.quantile(knn["val"], 1 - args.keep))
+        result["scores"]["embedding_knn"] = {
+            "auroc": float(roc_auc_score(truth, np.r_[knn["test"], knn["ood"]])), "threshold": threshold,
+            "test_unknown": float((knn["test"] < threshold).mean()), "ood_unknown": float((knn["ood"] < threshold).mean())}
     stored = getattr(art, "abstain", None)
     if stored is not None:
         s_test, s_ood = scores(test_logits, art.temperature)[stored.method], scores(ood_logits, art.temperature)[stored.method]
