@@ -1,9 +1,12 @@
 """Presenting an audit: a summary table on the terminal, audit.json, and audit.html with a
-thumbnail of every problem file (one self-contained page, images embedded)."""
+thumbnail of every problem file (one self-contained page, images embedded). With `--labels`, the
+likely label errors too (label_issues.LabelIssues.to_dict()), in both files, and as
+label_issues.csv: the decisions file `--fix relabel` reads once the accept column is filled in."""
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -58,9 +61,34 @@ def print_summary(report: AuditReport, console) -> None:
             console.print(f"  {kind}: ... and {len(items) - 5} more", markup=False)
 
 
-def write_json(report: AuditReport, path: Path) -> Path:
-    path.write_text(json.dumps(report.to_dict(), indent=2))
+def write_json(report: AuditReport, path: Path, labels: dict | None = None) -> Path:
+    path.write_text(json.dumps({**report.to_dict(), **({"label_issues": labels} if labels else {})}, indent=2))
     return path
+
+
+def write_decisions(labels: dict, path: Path) -> Path:
+    """label_issues.csv: one row per likely label error, ranked; `accept` left for the user."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "given", "suggested", "score", "accept"])
+        writer.writerows([i["path"], i["given"], i["suggested"], i["score"], ""] for i in labels["issues"])
+    return path
+
+
+def _label_issues_html(labels: dict, shown: int = 300) -> str:
+    issues = labels["issues"]
+    parts = [f"<h2>Likely label errors ({len(issues)} of {labels['images']} images)</h2>",
+             f"<p>Out-of-fold predictions of {labels['folds']} logistic-regression heads on {labels['backbone']} "
+             f"features (accuracy {labels['out_of_fold_accuracy']}); score: the probability of the given label, "
+             "lowest first. Mark the ones to move in label_issues.csv's accept column, then run "
+             "<code>pixclass audit DATA --fix relabel label_issues.csv</code>.</p><div class='grid'>"]
+    for i in issues[:shown]:
+        parts.append(f"<div class='item'><figure>{_thumbnail(i['path'])}<figcaption>{html.escape(i['path'])}"
+                     f"</figcaption></figure><p>given <b>{html.escape(i['given'])}</b> &rarr; suggested "
+                     f"<b>{html.escape(i['suggested'])}</b><br>score {i['score']}</p></div>")
+    if len(issues) > shown:
+        parts.append(f"<p>... and {len(issues) - shown} more in label_issues.csv</p>")
+    return "".join(parts) + "</div>"
 
 
 def _thumbnail(path: str, size: int = 96) -> str:
@@ -74,7 +102,7 @@ def _thumbnail(path: str, size: int = 96) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
 
 
-def write_html(report: AuditReport, path: Path) -> Path:
+def write_html(report: AuditReport, path: Path, labels: dict | None = None) -> Path:
     parts = [f"<h1>Dataset audit: {html.escape(str(report.root))}</h1>",
              f"<p>{len(report.files)} files checked ({report.layout}); imbalance ratio {report.imbalance_ratio}</p>",
              "<table><tr><th>check</th><th>found</th></tr>"]
@@ -85,6 +113,8 @@ def write_html(report: AuditReport, path: Path) -> Path:
     parts += [f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{v.get(s, 0)}</td>" for s in splits) + "</tr>"
               for c, v in report.counts.items()]
     parts.append("</table>")
+    if labels:
+        parts.append(_label_issues_html(labels))
     for kind, title in TITLES.items():
         items = report.problems.get(kind, [])
         if not items:

@@ -146,6 +146,8 @@ def train(
                                                "decoded images and cached features beyond it are read from disk."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="auto (the model's own) | scratch | transfer | fast "
                                          "(airbench-style, small images; --model airbench-wide for a larger network)."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="auto (class-balanced loss weights and checkpoints "
+                                          "by macro-F1 from a 3:1 class imbalance on) | off | weights | sampler"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun, DDP)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto (mixed precision on GPUs) | fp32 | bf16 | fp16"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps"),
@@ -180,7 +182,7 @@ def train(
                         adversarial_eps=adversarial_eps, head_epochs=head_epochs, unfreeze=unfreeze,
                         feature_views=feature_views, finetune_lr=finetune_lr, max_pixels=max_pixels,
                         max_memory=max_memory, recipe=recipe, precision=precision, device=device,
-                        track=tuple(track) if track else None)
+                        track=tuple(track) if track else None, balance=balance)
     summary = run_training(cfg, out=out if resume is None else None, resume=resume, reporter=Reporter(quiet))
     if "rank" in summary:  # a worker rank of a distributed run: rank 0 reports
         return
@@ -730,15 +732,22 @@ def feedback_export(
 @app.command()
 def audit(
     data: Path = typer.Argument(..., help="The dataset folder to check."),
-    fix: Optional[str] = typer.Option(None, "--fix", help="quarantine: move problem files out of the dataset."),
+    decisions: Optional[Path] = typer.Argument(None, help="With --fix relabel: the decisions CSV (label_issues.csv "
+                                               "with its accept column filled in)."),
+    fix: Optional[str] = typer.Option(None, "--fix", help="quarantine: move problem files out of the dataset; "
+                                      "relabel DECISIONS.csv: move the accepted files into their suggested class."),
     quarantine_dir: Optional[Path] = typer.Option(None, "--quarantine-dir", help="Default: DATA.quarantine beside DATA."),
+    labels: bool = typer.Option(False, "--labels", help="Also rank likely label errors (out-of-fold predictions on "
+                                "pretrained features, cleanlab) with a suggested class."),
+    folds: int = typer.Option(5, "--folds", min=2, help="With --labels: folds of the out-of-fold predictions."),
+    undo: Optional[Path] = typer.Option(None, "--undo", help="Move back the files of a --fix relabel log."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write audit.json and audit.html."),
     min_size: int = typer.Option(32, "--min-size", help="Images with a side below this are reported as tiny."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Reject larger images (decompression bombs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Check a dataset: unreadable files, duplicates, leakage, conflicting labels, imbalance..."""
+    """Check a dataset: unreadable files, duplicates, leakage, conflicting labels, imbalance, label errors..."""
     from . import audit_report
     from .data.audit import audit as run_audit, quarantine
     from .data.decode import DEFAULT_MAX_PIXELS
@@ -746,16 +755,27 @@ def audit(
     from .progress import Reporter, console
     from .runs import new_run_dir
 
-    if fix not in (None, "quarantine"):
-        raise UserError(f"--fix must be 'quarantine' (got {fix!r})")
+    if fix not in (None, "quarantine", "relabel"):
+        raise UserError(f"--fix must be 'quarantine' or 'relabel' (got {fix!r})")
+    if (fix == "relabel") != (decisions is not None):
+        raise UserError("--fix relabel takes a decisions CSV: pixclass audit DATA --fix relabel DECISIONS.csv")
+    if fix == "relabel" or undo is not None:
+        _relabel_or_undo(data, decisions, undo, as_json, quiet)
+        return
     check_output_location(out)
     if fix is not None:
         check_output_location(quarantine_dir, "--quarantine-dir")
     report = run_audit(str(data), min_size=min_size, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reporter=Reporter(quiet))
     out = out or new_run_dir(f"audit-{dataset_name(str(data))}")
+    found = None
+    if labels:
+        from .label_issues import find_label_issues
+        found = find_label_issues(data, folds=folds, reporter=Reporter(quiet)).to_dict()
     out.mkdir(parents=True, exist_ok=True)
-    audit_report.write_json(report, out / "audit.json")
-    audit_report.write_html(report, out / "audit.html")
+    audit_report.write_json(report, out / "audit.json", found)
+    audit_report.write_html(report, out / "audit.html", found)
+    if found is not None:
+        audit_report.write_decisions(found, out / "label_issues.csv")
     moved = []
     if fix == "quarantine":
         folder, moved = quarantine(report, quarantine_dir)
@@ -763,10 +783,33 @@ def audit(
             console.print(f"moved {len(moved)} file(s) to {folder} (log: {folder / 'quarantine.csv'})", markup=False)
     if as_json:
         _print_json({**report.to_dict(), "report": str(out / "audit.html"),
-                     "quarantined": [[str(a), str(b), r] for a, b, r in moved]})
+                     "quarantined": [[str(a), str(b), r] for a, b, r in moved],
+                     **({"label_issues": found} if found is not None else {})})
     elif not quiet:
         audit_report.print_summary(report, console)
+        if found is not None:
+            console.print(f"likely label errors: {found['count']} of {found['images']} images; decide in "
+                          f"{out / 'label_issues.csv'} (accept column), then: pixclass audit {data} --fix relabel "
+                          f"{out / 'label_issues.csv'}", markup=False)
         console.print(f"report: {out / 'audit.html'}  (and audit.json)", markup=False)
+
+
+def _relabel_or_undo(data: Path, decisions: Optional[Path], log: Optional[Path], as_json: bool, quiet: bool) -> None:
+    from .data.relabel import read_decisions, relabel, undo
+    from .progress import console
+    if log is not None:
+        if decisions is not None:
+            raise UserError("--undo and --fix relabel go in separate commands")
+        result = {"undone": str(log), "moved_back": undo(log)}
+        line = f"moved {result['moved_back']} file(s) back (log renamed to {log}.undone)"
+    else:
+        written, moved = relabel(data, read_decisions(decisions))
+        result = {"log": str(written), "moved": moved}
+        line = f"moved {moved} file(s) to their new class; undo with: pixclass audit {data} --undo {written}"
+    if as_json:
+        _print_json(result)
+    elif not quiet:
+        console.print(line, markup=False)
 
 
 @app.command()

@@ -173,6 +173,9 @@ class TrainConfig:
     # the report adds the held-out accuracy under PGD at that eps
     adversarial: bool = False
     adversarial_eps: float = 2.0
+    # class imbalance in the training split (train/balance.py): "auto" (class-balanced loss weights
+    # and checkpoints by macro-F1 from a 3:1 imbalance on), "off", "weights" or "sampler"
+    balance: str = "auto"
 
     def __post_init__(self):
         track = (self.track,) if isinstance(self.track, str) else self.track or ()  # YAML `track: mlflow`
@@ -208,6 +211,7 @@ class TrainConfig:
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         _check(isinstance(self.recipe_reason, str), "recipe_reason must be a string")
         _check_choice("recipe", self.recipe, ("auto", "standard", "scratch", "transfer", "fast"))
+        _check_choice("balance", self.balance, ("auto", "off", "weights", "sampler"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.device in ("auto", "cpu", "mps") or self.device == "cuda" or
                (self.device.startswith("cuda:") and self.device[5:].isdigit()),

@@ -25,6 +25,28 @@ def per_class_report(labels: np.ndarray, preds: np.ndarray, classes: list[str]) 
             for i, c in enumerate(classes)]
 
 
+def macro_f1(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> float:
+    """Mean F1 over the classes present among `labels`."""
+    present = [c["f1"] for c in per_class_report(labels, preds, classes) if c["support"] > 0]
+    return float(np.mean(present)) if present else 0.0
+
+
+def likely_label_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Which images look mislabeled, by confident learning (the rule of cleanlab's confident
+    joint): each class's threshold is the mean probability the model gives it on the images
+    labelled with it; an image counts when the most probable class reaching its threshold is not
+    the given one. For held-out predictions at the end of a run, in numpy: a training run does not
+    import cleanlab (`pixclass audit --labels` runs cleanlab itself on out-of-fold predictions)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels):
+        return np.zeros(0, dtype=bool)
+    k = probs.shape[1]
+    thresholds = np.array([probs[labels == j, j].mean() if (labels == j).any() else np.inf for j in range(k)])
+    confident = probs >= thresholds[None, :]
+    candidate = np.where(confident, probs, -1.0).argmax(axis=1)
+    return confident.any(axis=1) & (candidate != labels)
+
+
 def top_k_accuracy(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
     k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
@@ -45,12 +67,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
     say that it was not evaluated)."""
     preds = probs.argmax(axis=1)
     per_class = per_class_report(labels, preds, classes)
-    present = [c["f1"] for c in per_class if c["support"] > 0]
     return {
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
         "loss": cross_entropy(labels, probs),
         f"top{min(k, len(classes))}_accuracy": top_k_accuracy(labels, probs, k),
-        "macro_f1": float(np.mean(present)) if present else 0.0,
+        "macro_f1": macro_f1(labels, preds, classes),
         "absent_classes": [c["class"] for c in per_class if c["support"] == 0],
         "n": int(len(labels)),
         "per_class": per_class,

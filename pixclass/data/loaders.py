@@ -103,10 +103,20 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
     return images[idx], idx, failures
 
 
-def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, skip: int = 0):
-    """Index tensors of successive batches. The shuffle is drawn from `generator` first, so a
+def epoch_order(n: int, shuffle: bool, generator: torch.Generator | None,
+                sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of an epoch's rows: shuffled, or (with `sample_weights`, a weighted sampler)
+    n rows drawn with replacement in proportion to their weights."""
+    if shuffle and sample_weights is not None:
+        return torch.multinomial(sample_weights, n, replacement=True, generator=generator)
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None, skip: int = 0,
+                  sample_weights: torch.Tensor | None = None):
+    """Index tensors of successive batches. The order is drawn from `generator` first, so a
     resumed epoch can redraw the same order and `skip` the batches already done."""
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = epoch_order(n, shuffle, generator, sample_weights)
     for start in range(skip * batch_size, n, batch_size):
         yield order[start:start + batch_size]
 
@@ -123,8 +133,9 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0):
-        for idx in batch_indices(len(self), batch_size, shuffle, generator, skip):
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0,
+                sample_weights: torch.Tensor | None = None):
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, skip, sample_weights):
             yield self.images[idx], self.labels[idx], idx
 
 
@@ -138,8 +149,9 @@ class StreamingSplit:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0):
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0,
+                sample_weights: torch.Tensor | None = None):
+        order = epoch_order(len(self), shuffle, generator, sample_weights)
         order = order[skip * batch_size:]
         ds = DecodedImages([self.paths[i] for i in order], self.pre)
         loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(), collate_fn=_keep_all,

@@ -74,8 +74,9 @@ class FeatureRows:
         """Every row, float32 (N x V x ...)."""
         return (self.held if self.held is not None else self._read(torch.arange(len(self)))).float()
 
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0):
-        for idx in batch_indices(len(self), batch_size, shuffle, generator, skip):
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0,
+                sample_weights: torch.Tensor | None = None):
+        for idx in batch_indices(len(self), batch_size, shuffle, generator, skip, sample_weights):
             rows = self.held[idx] if self.held is not None else self._read(idx)
             yield rows.float(), self.labels[idx], idx
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic_write import write_text_atomically
+from .balance import BALANCED_MONITOR
 from .checkpoint import save_checkpoint
 
 HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -27,7 +28,9 @@ HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_l
 def write_history(history: list[dict], path: Path) -> None:
     """metrics.csv, replaced whole: a full disk leaves the previous epoch's file, not a torn one."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    # a balanced run's checkpoints are picked by validation macro-F1 (balance.py): its column too
+    extra = [BALANCED_MONITOR] if any(BALANCED_MONITOR in row for row in history) else []
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     write_text_atomically(path, text.getvalue())

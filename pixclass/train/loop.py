@@ -18,8 +18,9 @@ from ..config import TrainConfig
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import UserError
 from ..inference import softmax_probabilities
-from ..metrics import cross_entropy
+from ..metrics import cross_entropy, macro_f1
 from ..progress import Reporter
+from .balance import OFF, Balance
 from .checkpoint import load_checkpoint
 from .early_stopping import EarlyStopping
 from .optim import LRSchedule, build_optimizer
@@ -48,15 +49,19 @@ class ImageInputs:
 class Trainer:
     """Trains `model` on `train`, validating on `val` if given.
 
-    `train` and `val` are splits (anything with `__len__` and `batches(size, shuffle, generator)`
+    `train` and `val` are splits (anything with `__len__`, `labels` and `batches(size, shuffle, generator,
+    skip, sample_weights)`
     yielding (inputs, labels, indices)); `inputs` turns a batch's inputs into the model's input
     (decoded images through preprocessing and augmentation, or cached features) and says the
     memory format the model runs in. `param_groups` gives per-group learning-rate multipliers;
-    `history` may be shared between phases of one run; `hooks` see every step and epoch."""
+    `history` may be shared between phases of one run; `hooks` see every step and epoch.
+    `balance` (balance.py): class-weighted loss or class-balanced draws, and the checkpoint
+    picked by validation macro-F1."""
 
     def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, reporter: Reporter | None = None,
                  hooks=(), phase: str = "train", history: list | None = None, param_groups: list[dict] | None = None,
-                 dist=None, device: torch.device | None = None, deadline: float | None = None, adversary=None):
+                 dist=None, device: torch.device | None = None, deadline: float | None = None, adversary=None,
+                 balance: Balance | None = None):
         """`adversary`: model -> an attack (adversarial.FastAdversary) whose versions of the
         training batches the steps learn from (adversarial training), made once the model is on
         its device."""
@@ -79,14 +84,19 @@ class Trainer:
         self.train, self.val, self.cfg, self.inputs = train, val, cfg, inputs
         self.reporter = reporter or Reporter()
         self.hooks, self.phase = list(hooks), phase
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.loss_sum = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+        self.balance = balance or OFF
+        weight = self.balance.loss_weights()
+        weight = weight.to(self.device) if weight is not None else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        self.loss_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum")
+        self.sample_weights = self.balance.sample_weights(train.labels)
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.optimizer = build_optimizer([{**g, "lr": cfg.lr * g.pop("lr_scale", 1.0)} for g in param_groups], cfg)
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.schedule = LRSchedule(self.optimizer, cfg, self.steps_per_epoch)
-        self.stopper = EarlyStopping(cfg.monitor if val is not None and len(val) else "none", cfg.early_stopping)
+        self.stopper = EarlyStopping(self.balance.monitor(cfg.monitor) if val is not None and len(val) else "none",
+                                     cfg.early_stopping)
         self.history = history if history is not None else []
         self.epoch_offset = len(self.history)  # epochs of earlier phases
         self.epoch, self.step = 0, 0
@@ -144,7 +154,8 @@ class Trainer:
         batch_no = start_batch
         with self.reporter.bar(label, len(self.train), stats=True) as bar:
             bar.advance(min(len(self.train), start_batch * self.cfg.batch_size))
-            batches = self.train.batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=start_batch)
+            batches = self.train.batches(self.cfg.batch_size, shuffle=True, generator=generator, skip=start_batch,
+                                         sample_weights=self.sample_weights)
             for images, labels, idx in batches:
                 if position is not None:  # the shuffle is drawn; now the generator as it was at the kill
                     generator.set_state(position["generator"])
@@ -211,7 +222,7 @@ class Trainer:
     def validate(self) -> dict:
         """Validation loss and accuracy of the model as it is now."""
         if self.val is None or len(self.val) == 0:
-            return {"val_loss": None, "val_accuracy": None}
+            return {"val_loss": None, "val_accuracy": None, **({"val_macro_f1": None} if self.balance.active else {})}
         self.model.eval()
         probs, labels = [], []
         for x, y, _ in self.val.batches(256):
@@ -221,7 +232,10 @@ class Trainer:
             probs.append(softmax_probabilities(logits))
             labels.append(y)
         probs, labels = np.concatenate(probs), torch.cat(labels).numpy()
-        return {"val_loss": cross_entropy(labels, probs), "val_accuracy": float((probs.argmax(1) == labels).mean())}
+        row = {"val_loss": cross_entropy(labels, probs), "val_accuracy": float((probs.argmax(1) == labels).mean())}
+        if self.balance.active:
+            row["val_macro_f1"] = macro_f1(labels, probs.argmax(1), [str(i) for i in range(probs.shape[1])])
+        return row
 
     def fit(self) -> list[dict]:
         set_threads(self.cfg.threads, self.dist.local_world)
@@ -243,7 +257,7 @@ class Trainer:
             self._call_hooks("after_epoch", row, self.epoch >= self.cfg.epochs or self.stopper.should_stop)
             self.reporter.info(_epoch_line(row))
             if self.stopper.should_stop:
-                self.reporter.info(f"early stopping: {self.cfg.monitor} did not improve for {self.cfg.early_stopping} epochs")
+                self.reporter.info(f"early stopping: {self.stopper.monitor} did not improve for {self.cfg.early_stopping} epochs")
                 break
             if self._out_of_time(row):
                 self.reporter.info(f"time budget: {self.phase} stops after {self.epoch} of {self.cfg.epochs} epochs")
@@ -267,6 +281,8 @@ def _epoch_line(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"acc {row['train_accuracy']:.4f}"]
     if row.get("val_loss") is not None:
         parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
+        if row.get("val_macro_f1") is not None:
+            parts.append(f"val_macro_f1 {row['val_macro_f1']:.4f}")
     parts += [f"{row['images_per_s']:.0f} img/s", f"lr {row['lr']:.2e}"]
     return "  ".join(parts)
 

@@ -24,13 +24,14 @@ from ..data.transforms import Preprocess
 from ..atomic_write import FileWriteError, describe_os_error
 from ..errors import UserError, first_line
 from ..evaluate import write_evaluation
-from ..metrics import absent_classes_note, classification_metrics
+from ..metrics import absent_classes_note, classification_metrics, likely_label_issues
 from ..models.registry import create_model
 from ..plot_worker import plotter_for_run
 from ..progress import Reporter
 from ..report import write_report
 from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
+from .balance import resolve_balance
 from .budget import Budget
 from .calibrate import calibrate
 from .checkpoint import load_checkpoint
@@ -218,8 +219,12 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
     if dist.main and run_dir is not None:
         _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)
+    no_choice = recipe.no_checkpoint_choice or ("" if data.val is not None and len(data.val) else "no validation split")
+    balance = resolve_balance(cfg.train.balance, data.train.labels, data.classes, no_checkpoint_choice=no_choice)
+    if balance.description:
+        reporter.info(f"class balance: {balance.description}")
     return Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device,
-               resumed.checkpoint if resumed is not None else None, early, budget)
+               resumed.checkpoint if resumed is not None else None, early, budget, balance=balance)
 
 
 def _write_run_files(run_dir: Path, cfg: RunConfig, data: PreparedData | None = None) -> None:
@@ -296,9 +301,11 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     report = None
     if metrics:
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
+        labels_note = label_issues_note(held, metrics["accuracy"], cfg.data.path)
+        job.reporter.info(labels_note)
         report = write_report(run_dir, art, metrics, held.probabilities, held.labels, held.paths,
                               history=result.history, counts=data.counts(),
-                              run_info=_run_info(job, result, run_dir, started),
+                              run_info=_run_info(job, result, run_dir, started, labels_note),
                               plotter=plotter, uncalibrated=uncalibrated)
     elif result.history:  # no held-out split, so no report: the curves on their own
         from ..plots import training_curves
@@ -310,7 +317,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
             "skipped_files": [str(p) for p, _ in result.skipped], "report": str(report) if report else None}
 
 
-def _run_info(job: Job, result: FitResult, run_dir: Path, started: float) -> dict:
+def _run_info(job: Job, result: FitResult, run_dir: Path, started: float, labels_note: str = "") -> dict:
     """The report's summary of the run: what trained, the plan for the time budget (when there
     was one) and the time of each phase against it."""
     cfg = job.cfg
@@ -320,9 +327,29 @@ def _run_info(job: Job, result: FitResult, run_dir: Path, started: float) -> dic
         info["time budget"] = f"{job.budget.minutes:g} min"
     if cfg.train.plan:
         info["plan"] = cfg.train.plan
+    if job.balance is not None and job.balance.description:
+        info["class balance"] = job.balance.description
+    if labels_note:
+        info["likely label issues"] = labels_note
     if result.timings:
         info["time per phase"] = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in result.timings.items())
     return info
+
+
+# below this held-out accuracy the model's own errors drown out wrong labels: no count is given
+LABEL_ISSUES_MIN_ACCURACY = 0.7
+
+
+def label_issues_note(held, accuracy: float, data_path) -> str:
+    """The report's count of suspect labels in the held-out split (from the predictions the run
+    has anyway), with a pointer to the command that ranks the whole dataset's."""
+    how = f"rank every image's label: pixclass audit {data_path} --labels"
+    if accuracy < LABEL_ISSUES_MIN_ACCURACY:
+        return (f"not counted on the {held.split} split: at accuracy {accuracy:.2f} this model's own errors hide "
+                f"wrong labels; {how}")
+    issues = int(likely_label_issues(held.labels, held.probabilities).sum())
+    return (f"{issues} of the {len(held.labels)} {held.split} images may be mislabeled (confident learning on this "
+            f"run's predictions); {how}")
 
 
 class Resumed(NamedTuple):

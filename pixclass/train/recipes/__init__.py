@@ -82,6 +82,7 @@ class Job:
     # hooks of the whole run (experiment tracking; `pixclass tune`'s report of each epoch to its
     # trial) that every recipe adds to its own, in every phase; empty on ranks other than 0
     hooks: list = field(default_factory=list)
+    balance: object = None  # train.balance.Balance: how training counters class imbalance
 
     def record(self, cfg: RunConfig) -> None:
         """Take `cfg` (with what the recipe planned once training began) as the run's config, and
@@ -106,6 +107,7 @@ class Recipe:
     cpu_only = False  # True: runs on the CPU whatever device is available
     default_budget_minutes: float | None = None  # the time budget without --budget (None: none)
     adversarial = False  # whether `--adversarial` can train with it (its steps must see whole images)
+    no_checkpoint_choice = ""  # why the recipe picks no best checkpoint on validation (empty: it does)
 
     def model_name(self, cfg: RunConfig) -> str:
         """The network to train when the user named this recipe: `cfg.model.name`, with "auto"

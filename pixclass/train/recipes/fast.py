@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.loaders import SplitData
+from ...data.loaders import SplitData, epoch_order
 from ...data.transforms import Preprocess
 from ...errors import UserError
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
+from ..balance import OFF, Balance
 from ..checkpoint import save_checkpoint
 from ..hooks import write_history
 from ..precision import resolve_precision
@@ -150,6 +151,7 @@ class FastRecipe(Recipe):
     distributed = False  # one process: the whole dataset in memory, the batches built on tensors
     cpu_only = True  # autocast, whitening and TTA are written for the CPU
     default_budget_minutes = budget_plan.FAST_DEFAULT_MINUTES
+    no_checkpoint_choice = "the fast recipe ends on its averaged weights"
 
     def model_name(self, cfg) -> str:
         return "airbench" if cfg.model.name == "auto" else cfg.model.name
@@ -168,7 +170,8 @@ class FastRecipe(Recipe):
         # with the epochs left to the budget, the schedule shortens itself to fit (see fit_fast)
         budget = job.budget if epochs is None else None
         result = fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
-                          job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget, hooks=job.hooks)
+                          job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget, hooks=job.hooks,
+                          balance=job.balance or OFF)
         if budget is not None:
             run = len(result.history)
             job.record(job.cfg.replace("train", epochs=run, plan=f"{budget.minutes:g} min budget: {run} of the "
@@ -180,12 +183,14 @@ RECIPE = FastRecipe()
 
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
-             hyp: FastHyper = FastHyper(), budget=None, hooks=()) -> FitResult:
+             hyp: FastHyper = FastHyper(), budget=None, hooks=(), balance: Balance = OFF) -> FitResult:
     """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA.
     With a `budget` (train.budget.Budget), after each epoch the schedule is shortened to the epochs
     that still fit it: the learning-rate and averaging curves are functions of the share of steps
     done, so they stretch to the new length and still end annealed. `hooks` get `after_epoch`
-    (hooks.py) with no Trainer: this loop is its own."""
+    (hooks.py) with no Trainer: this loop is its own. `balance`: class-weighted loss or
+    class-balanced draws; the recipe picks no checkpoint (it ends on its averaged weights), so
+    macro-F1 is reported, not monitored."""
     pre = data.preprocess
     dtype = resolve_precision(precision)
     train = data.train
@@ -197,7 +202,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     model.to(memory_format=torch.channels_last)
     padded = F.pad(train.images, (hyp.translate,) * 4, mode="reflect") if hyp.translate else train.images
     optimizer = torch.optim.SGD(_param_groups(model, hyp, batch_size), momentum=hyp.momentum, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=hyp.label_smoothing, reduction="sum")
+    loss_fn = nn.CrossEntropyLoss(weight=balance.loss_weights(), label_smoothing=hyp.label_smoothing, reduction="sum")
+    sample_weights = balance.sample_weights(train.labels)
     steps_per_epoch = n // batch_size if n >= batch_size else 1
     total = steps_per_epoch * epochs
     lookahead = Lookahead(model)
@@ -211,7 +217,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     while epoch < epochs:
         model.train()
         model.whiten.bias.requires_grad_(epoch < hyp.whiten_bias_epochs)
-        order = torch.randperm(n, generator=g)
+        order = epoch_order(n, True, g, sample_weights)
         flips = flip_base ^ bool(epoch % 2)
         t0, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
         with reporter.bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch * batch_size, stats=True) as bar:

@@ -35,7 +35,8 @@ class ScratchRecipe(Recipe):
             adversary = partial(FastAdversary, pre=job.data.preprocess, eps=cfg.train.adversarial_eps / 255)
         trainer = Trainer(job.model, job.data.train, job.data.val, train_cfg,
                           ImageInputs(job.data.preprocess, build_augment(cfg.augment)), job.reporter, hooks=hooks,
-                          dist=job.dist, device=job.device, adversary=adversary)
+                          dist=job.dist, device=job.device, adversary=adversary,
+                          balance=job.balance)
         if job.resume_from is not None:
             trainer.resume(job.resume_from)
         trainer.fit()

@@ -255,7 +255,8 @@ def _head_phase(job: Job, splits: dict, frozen_cut: int, history: list, device, 
             p.requires_grad_(False)
         trainer = Trainer(model.head, pooled["train"], pooled["val"], dataclasses.replace(tc, epochs=head_epochs),
                           FeatureInputs(), job.reporter, hooks=_phase_hooks(job, finetune_epochs(job.cfg) == 0),
-                          phase="head", history=history, dist=job.dist, device=device, deadline=_deadline(job))
+                          phase="head", history=history, dist=job.dist, device=device, deadline=_deadline(job),
+                          balance=job.balance)
         trainer.fit()
         trainer.restore_best()
     return pooled
@@ -298,7 +299,7 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
         inputs = ImageInputs(pre, build_augment(job.cfg.augment))
         trainer = Trainer(model, images["train"], images["val"], ft_cfg, inputs, job.reporter,
                           hooks=_phase_hooks(job, True), phase="finetune", history=history, dist=job.dist, device=device,
-                          deadline=_deadline(job))
+                          deadline=_deadline(job), balance=job.balance)
         held_out_of = lambda: held_out_on_images(model, job.data, images)  # noqa: E731
         evaluator = None
     else:
@@ -306,7 +307,7 @@ def _finetune_phase(job: Job, cut: int, splits: dict, pooled: dict, history: lis
         trainer = Trainer(tail, splits["train"], splits["val"], ft_cfg, FeatureInputs(), job.reporter,
                           hooks=_phase_hooks(job, True), phase="finetune", history=history,
                           param_groups=tail.param_groups(tc.lr_ratio), dist=job.dist, device=device,
-                          deadline=_deadline(job))
+                          deadline=_deadline(job), balance=job.balance)
         held_out_of = lambda: _held_out_on_features(tail.cpu(), *held_out_split(splits))  # noqa: E731
         evaluator = tail
     trainer.fit()
