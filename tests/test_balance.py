@@ -70,6 +70,7 @@ def test_training_says_what_it_did_in_the_log_and_the_report(imbalanced, tmp_pat
             assert all(row["val_macro_f1"] for row in csv.DictReader(f))
 
 
+@pytest.mark.slow  # the default set's time goes to the two runs above; `off` is the unit tests' too
 def test_balance_off_trains_as_before(imbalanced, tmp_path):
     proc = run_cli("train", imbalanced, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32",
                    "--balance", "off", "--out", tmp_path / "run", "--json")
