@@ -139,7 +139,10 @@ def test_a_named_dataset_offline_without_an_archive_is_one_line_and_exit_2(tmp_p
     done = _cli(_offline_env(tmp_path / "cache"), "train", "torchvision:cifar10", "--out", tmp_path / "run")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "--archive" in lines[0], done.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    # the attempt is announced ("downloading ..."), then one error line and no traceback
+    assert len(errors) == 1 and "--archive" in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1] == errors[0]
     assert not (tmp_path / "run").exists()
 
 
