@@ -812,6 +812,47 @@ def _relabel_or_undo(data: Path, decisions: Optional[Path], log: Optional[Path],
         console.print(line, markup=False)
 
 
+@app.command("add-class")
+def add_class(
+    model: Path = typer.Argument(..., help="A few-shot model folder (trained by the fewshot recipe)."),
+    folder: Path = typer.Argument(..., help="A folder of images of the new class."),
+    name: Optional[str] = typer.Option(None, "--name", help="The new class's name (default: the folder's name)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The new model folder (default: MODEL-NAME beside MODEL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Add a class to a few-shot model from a folder of its images; the other classes stay as they are."""
+    from .add_class import add_class as run_add_class
+    check_output_location(out)
+    result = run_add_class(model, folder, name, out)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"added class {result['added']!r} from {result['images']} images: {result['model_dir']} "
+              f"({len(result['classes'])} classes)")
+
+
+@app.command()
+def suggest(
+    model: Path = typer.Argument(..., help="A saved model folder."),
+    unlabeled: Path = typer.Argument(..., help="A folder of unlabeled images."),
+    n: int = typer.Option(50, "--n", help="How many images to suggest."),
+    by: str = typer.Option("margin", "--by", help="Uncertainty measure: margin or entropy."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write suggest.csv and suggest.html."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Rank unlabeled images by how much labeling them would teach the model (uncertain, and diverse)."""
+    from .runs import new_run_dir
+    from .suggest import suggest as run_suggest
+    check_output_location(out)
+    out = out or new_run_dir(f"suggest-{unlabeled.name}")
+    result = run_suggest(model, unlabeled, n, out, by)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"{result['suggested']} of {result['images']} images to label next: {out / 'suggest.html'} "
+              f"(and suggest.csv)")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),

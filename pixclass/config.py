@@ -210,7 +210,7 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "threads must be >= 1")
         _check(self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0")
         _check(isinstance(self.recipe_reason, str), "recipe_reason must be a string")
-        _check_choice("recipe", self.recipe, ("auto", "standard", "scratch", "transfer", "fast"))
+        _check_choice("recipe", self.recipe, ("auto", "standard", "scratch", "transfer", "fast", "fewshot"))
         _check_choice("balance", self.balance, ("auto", "off", "weights", "sampler"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.device in ("auto", "cpu", "mps") or self.device == "cuda" or

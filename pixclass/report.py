@@ -154,7 +154,9 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
         s["data"] = html_table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
     else:
         s["data"] = "<p>per-class counts of the evaluated images are in the per-class table (support)</p>"
-    s["curves"] = img_tag(figs["curves"]) if history else "<p>no training history (an evaluation of a saved model)</p>"
+    s["curves"] = (img_tag(figs["curves"]) if history else "<p>no training curves: the few-shot classifier is fitted in "
+                   "one step</p>" if "loo_accuracy" in metrics else
+                   "<p>no training history (an evaluation of a saved model)</p>")
     topk = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
     headline = [["accuracy", f"{metrics['accuracy']:.4f}"], ["loss", f"{metrics['loss']:.4f}"],
                 ["macro F1", f"{metrics['macro_f1']:.4f}"], ["images", metrics["n"]]]
@@ -166,6 +168,9 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     if robust:  # a model trained with --adversarial: its accuracy under the attack beside the clean one
         headline.insert(1, [f"accuracy under {robust['attack']} ε={robust['eps_255']:g}/255 ({robust['n']} images)",
                             f"{robust['accuracy']:.4f}"])
+    if "loo_accuracy" in metrics:  # the few-shot recipe's estimate from the training images themselves
+        headline.append([f"{metrics['fewshot_estimate']} accuracy on the training images ({metrics['fewshot_head']})",
+                         f"{metrics['loo_accuracy']:.4f}"])
     s["metrics"] = html_table(headline, ["metric", "value"])
     if metrics.get("absent_classes"):
         s["metrics"] += (f"<p>not evaluated (no image of theirs in {html.escape(_evaluated_on(metrics))}): "

@@ -21,6 +21,7 @@ class SizeProbe:
     sampled: int  # headers read
     train_images: int  # image files in the training class folders (for a memory estimate)
     split_folders: tuple[str, ...] = ()  # the splits given as folders ("train", "val", "test"), if any
+    largest_class: int = 0  # image files in the training folder's largest class (few-shot below a few)
 
 
 def _class_images(folder: Path) -> list[Path]:
@@ -71,7 +72,8 @@ def probe_image_sizes(root, sample: int = 200) -> SizeProbe:
             except ImageDecodeError:  # the scan and decoding report unreadable files
                 continue
     total = sum(len(files) for files in per_class)
+    largest = max((len(files) for files in per_class), default=0)
     if not sides:
-        return SizeProbe(None, 0, total, tuple(splits))
+        return SizeProbe(None, 0, total, tuple(splits), largest)
     sides.sort()
-    return SizeProbe(sides[len(sides) // 2], len(sides), total, tuple(splits))
+    return SizeProbe(sides[len(sides) // 2], len(sides), total, tuple(splits), largest)

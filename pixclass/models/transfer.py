@@ -1,11 +1,15 @@
 """A pretrained timm backbone with a small classification head: GlobalAveragePooling -> Dense 256
-ReLU -> Dropout -> Dense classes (the Keras transfer-learning tutorials' head).
+ReLU -> Dropout -> Dense classes (the Keras transfer-learning tutorials' head), or (head
+"normalized", the few-shot recipe's) one Dense layer on the L2-normalized pooled vector, whose rows
+are scaled class prototypes or a linear classifier's weights.
 
 The backbone is also seen as a chain of units (stem, stages, final conv...) whose sequential
 application equals `forward_features`. That lets training freeze the first units, compute their
 output once per image and cache it, and train only the units after the cut plus the head."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,12 +25,14 @@ _NOT_FEATURES = ("global_pool", "head", "fc", "classifier", "head_drop", "fc_nor
 
 
 class TransferModel(nn.Module):
-    def __init__(self, timm_name: str, num_classes: int, in_channels: int = 3, hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, timm_name: str, num_classes: int, in_channels: int = 3, hidden: int = 256, dropout: float = 0.2,
+                 head: str = "mlp"):
         super().__init__()
         import timm
         self.backbone_name = timm_name
         self.backbone = timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_channels)
-        self.head = classification_head(self.backbone.num_features, num_classes, hidden, dropout)
+        self.head = (NormalizedLinear(self.backbone.num_features, num_classes) if head == "normalized"
+                     else classification_head(self.backbone.num_features, num_classes, hidden, dropout))
         # a plain tuple, not a ModuleList: the units are the backbone's own modules, and
         # registering them twice would duplicate every tensor in the state dict
         self.units = backbone_units(self.backbone)
@@ -63,6 +69,15 @@ class TransferModel(nn.Module):
 def classification_head(in_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.2) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, num_classes))
+
+
+class NormalizedLinear(nn.Linear):
+    """A Dense layer on the L2-normalized input: with unit-norm rows times a scale, the logits are
+    scaled cosine similarities to class prototypes (nearest class mean); any rows and bias make it
+    a linear classifier on normalized embeddings. A plain module, so every export takes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.normalize(x, dim=-1))
 
 
 def backbone_units(backbone: nn.Module) -> tuple[nn.Module, ...] | None:
@@ -127,6 +142,7 @@ def uses_pretrained(name: str, model_cfg=None) -> bool:
 class TransferKwargs(ArchKwargs):
     hidden: Width = 256
     dropout: Dropout = TRANSFER_DROPOUT
+    head: Literal["mlp", "normalized"] = "mlp"
 
 
 class PretrainedBackboneFamily(ModelFamily):

@@ -294,7 +294,8 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
                                config=cfg.to_dict(), tta=result.tta,
                                temperature=calibrated.temperature if calibrated else 1.0,
                                abstain=calibrated.abstain if calibrated else None)
-    art.metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}
+    # the recipe's own figures too where nothing was held out (the few-shot recipe's leave-one-out accuracy)
+    art.metrics = {k: v for k, v in {**result.metrics, **metrics}.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}
     model_dir = artifact_io.save(art, run_dir / "model")  # before the report: nothing it does can cost the model
     (run_dir / FAILED_FILE).unlink(missing_ok=True)  # a resumed run that has now finished
@@ -313,7 +314,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     return {"run_dir": str(run_dir), "model_dir": str(model_dir), "classes": data.classes,
             "recipe": cfg.train.recipe, "epochs_run": len(result.history), "history": result.history,
             "train_seconds": round(time.perf_counter() - started, 1), "timings": result.timings,
-            "metrics": {k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")},
+            "metrics": {k: v for k, v in art.metrics.items() if k != "history_last"},
             "skipped_files": [str(p) for p, _ in result.skipped], "report": str(report) if report else None}
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from ...config import DataConfig, RunConfig
 from ...errors import UserError
 
-RECIPE_MODULES = {"scratch": "scratch", "transfer": "transfer", "fast": "fast"}
+RECIPE_MODULES = {"scratch": "scratch", "transfer": "transfer", "fast": "fast", "fewshot": "fewshot"}
 
 
 @dataclass
@@ -156,6 +156,9 @@ def held_out_split(splits: dict) -> tuple[str, object] | tuple[None, None]:
 # "auto" trains the fast from-scratch recipe on images whose median side is at most this many
 # pixels: pretrained backbones want ~224 px and only see upsampled blur in smaller images
 SMALL_IMAGE_SIDE = 64
+# "auto" fits the few-shot recipe (prototypes or a linear head on pretrained embeddings) where
+# transfer learning would be chosen and no training class has more images than this
+FEW_SHOT_IMAGES = 10
 
 
 def choose_recipe(cfg: RunConfig, dist=None):
@@ -184,7 +187,7 @@ def choose_recipe(cfg: RunConfig, dist=None):
 
 
 def recipe_for_data(cfg: RunConfig, dist=None) -> RunConfig:
-    """`cfg` with the recipe ("fast" or "transfer") and the reason for it (`recipe_reason`) chosen
+    """`cfg` with the recipe ("fast", "transfer" or "fewshot") and the reason for it (`recipe_reason`) chosen
     from the median side of a sample of the training images' headers: the fast recipe for small
     images, transfer learning otherwise. With the fast recipe, a dataset given as train/ and test/
     folders trains on all of train/ (at the default split): the recipe selects nothing on a
@@ -215,6 +218,9 @@ def _recipe_for_sizes(cfg: RunConfig, dist):
         return "transfer", "", probe
     seen = f"images are {side} px (median side of {probe.sampled} sampled)"
     if side > SMALL_IMAGE_SIDE:
+        if 0 < probe.largest_class <= FEW_SHOT_IMAGES:
+            return "fewshot", (f"{seen}, at most {probe.largest_class} training images per class: few-shot "
+                               f"classifier on {DEFAULT_MODEL} embeddings"), probe
         return "transfer", f"{seen}: {transfer}", probe
     if dist is not None and dist.enabled:
         why = f"{seen}, but under {dist.world} processes (the fast recipe trains in one): {transfer}"

@@ -174,7 +174,7 @@ class TransferRecipe(Recipe):
         frozen_cut = _frozen_cut(cut, model)
         timings, history = {}, []
         started = time.perf_counter()
-        splits, skipped = _features(job, frozen_cut)
+        splits, skipped = split_features(job, frozen_cut)
         mirrored = _mirrored_held_out(job, frozen_cut, splits) if cut > 0 else {}
         timings["features_s"] = round(time.perf_counter() - started, 2)
         memory = MemoryPlan(job.cfg.data.max_memory_gb)
@@ -219,7 +219,7 @@ def _phase_hooks(job: Job, last_phase: bool) -> list:
             HistoryFile(job.run_dir), *job.hooks]
 
 
-def _features(job: Job, frozen_cut: int) -> tuple[dict, list]:
+def split_features(job: Job, frozen_cut: int) -> tuple[dict, list]:
     """The frozen part's output for every split (cached; `feature_views` augmented views of the
     training images), and the files that could not be read."""
     tc, data = job.cfg.train, job.data
