@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pixclass.data.scan import scan_dataset
 from pixclass.models.registry import create_model, family_for
@@ -30,6 +31,9 @@ MODEL = "efficientnet_lite0"
 
 def embeddings(paths: list, labels: list) -> np.ndarray:
     """N x D unit-norm pooled embeddings of the frozen backbone (from the cache where present)."""
+    # seeded: the cache's key digests the whole model (its unused head too), so a fixed head
+    # makes a second run find the features the first one computed
+    torch.manual_seed(0)
     model, _ = create_model(MODEL, 10)
     pre = family_for(MODEL).preprocess(model, 3, None)
     rows, failures = extract_features(model.eval(), model.n_units, {"all": (paths, labels, 0)}, pre, None, 0,

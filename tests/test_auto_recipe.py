@@ -44,11 +44,19 @@ def test_a_model_named_on_a_rerun_of_an_auto_config_trains_with_its_own_recipe(t
 
 
 def test_default_on_larger_images_is_transfer_learning(tmp_path):
-    data = make_shapes(tmp_path / "shapes", per_class=4, size=128)
+    data = make_shapes(tmp_path / "shapes", per_class=11, size=128)
     cfg, _, recipe = choose_recipe(RunConfig(data=DataConfig(path=str(data))))
     assert (recipe.name, cfg.model.name) == ("transfer", "efficientnet_lite0")
-    assert cfg.train.recipe_reason == ("images are 128 px (median side of 12 sampled): "
+    assert cfg.train.recipe_reason == ("images are 128 px (median side of 33 sampled): "
                                        "transfer learning from efficientnet_lite0")
+
+
+def test_default_with_at_most_ten_images_per_class_is_few_shot(tmp_path):
+    data = make_shapes(tmp_path / "shapes", per_class=10, size=128)
+    cfg, _, recipe = choose_recipe(RunConfig(data=DataConfig(path=str(data))))
+    assert (recipe.name, cfg.model.name) == ("fewshot", "efficientnet_lite0")
+    assert cfg.train.recipe_reason == ("images are 128 px (median side of 30 sampled), at most 10 training images "
+                                       "per class: few-shot classifier on efficientnet_lite0 embeddings")
 
 
 def test_a_named_model_or_recipe_wins_over_the_images(tmp_path):
