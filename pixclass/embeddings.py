@@ -34,7 +34,7 @@ def backbone_of(art):
 @torch.inference_mode()
 def embed_files(art, paths: list[Path], batch_size: int = 32) -> Embedded:
     backbone = backbone_of(art)
-    network = Probabilities(art.model.eval(), art.tta)
+    network = Probabilities.of(art)  # its test-time augmentation and calibration temperature
     seen: list[torch.Tensor] = []
     # the first call per batch sees the images as given (a test-time augmentation's mirrored
     # view comes after)
