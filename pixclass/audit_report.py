@@ -83,7 +83,7 @@ def _label_issues_html(labels: dict, shown: int = 300) -> str:
              "lowest first. Mark the ones to move in label_issues.csv's accept column, then run "
              "<code>pixclass audit DATA --fix relabel label_issues.csv</code>.</p><div class='grid'>"]
     for i in issues[:shown]:
-        parts.append(f"<div class='item'><figure>{_thumbnail(i['path'])}<figcaption>{html.escape(i['path'])}"
+        parts.append(f"<div class='item'><figure>{thumbnail(i['path'])}<figcaption>{html.escape(i['path'])}"
                      f"</figcaption></figure><p>given <b>{html.escape(i['given'])}</b> &rarr; suggested "
                      f"<b>{html.escape(i['suggested'])}</b><br>score {i['score']}</p></div>")
     if len(issues) > shown:
@@ -91,7 +91,7 @@ def _label_issues_html(labels: dict, shown: int = 300) -> str:
     return "".join(parts) + "</div>"
 
 
-def _thumbnail(path: str, size: int = 96) -> str:
+def thumbnail(path: str, size: int = 96) -> str:
     try:
         img = decode_image(path)
     except (ImageDecodeError, OSError):
@@ -122,7 +122,7 @@ def write_html(report: AuditReport, path: Path, labels: dict | None = None) -> P
         parts.append(f"<h2>{html.escape(title)} ({len(items)})</h2><div class='grid'>")
         for item in items[:200]:
             paths = item.get("paths") or ([item["path"]] if "path" in item else [])
-            cards = "".join(f"<figure>{_thumbnail(p) if kind not in ('hidden',) else ''}"
+            cards = "".join(f"<figure>{thumbnail(p) if kind not in ('hidden',) else ''}"
                             f"<figcaption>{html.escape(p)}</figcaption></figure>" for p in paths)
             note = html.escape(str(item.get("reason") or item.get("match", "")) + (f" ({item['class']})" if item.get("class") and not paths else ""))
             parts.append(f"<div class='item'><p>{note}</p>{cards}</div>")

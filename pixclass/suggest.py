@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 
 from . import artifact as artifact_io
-from .audit_report import _thumbnail
+from .audit_report import thumbnail
 from .data.scan import collect_image_paths
 from .embeddings import embed_files
 from .errors import UserError
@@ -55,7 +55,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _write_html(rows: list[dict], path: Path, model_dir, unlabeled, measure: str, total: int) -> None:
-    cells = "".join(f'<figure>{_thumbnail(r["path"], 128)}<figcaption>#{r["rank"]} {html.escape(Path(r["path"]).name)}'
+    cells = "".join(f'<figure>{thumbnail(r["path"], 128)}<figcaption>#{r["rank"]} {html.escape(Path(r["path"]).name)}'
                     f'<br>{measure} {r["score"]:.3f}<br>{html.escape(r["top_classes"])}</figcaption></figure>'
                     for r in rows)
     path.write_text(f"<!doctype html><meta charset=utf-8><title>pixclass suggest</title>"

@@ -1,6 +1,7 @@
 """`--recipe auto` with no model named: the images' size decides between the fast from-scratch
 recipe (small images) and transfer learning; the choice and its reason are recorded and shown."""
 
+import pytest
 import yaml
 from conftest import make_shapes, run_cli
 
@@ -43,20 +44,17 @@ def test_a_model_named_on_a_rerun_of_an_auto_config_trains_with_its_own_recipe(t
     assert cfg["train"]["recipe_reason"] == ""
 
 
-def test_default_on_larger_images_is_transfer_learning(tmp_path):
-    data = make_shapes(tmp_path / "shapes", per_class=11, size=128)
-    cfg, _, recipe = choose_recipe(RunConfig(data=DataConfig(path=str(data))))
-    assert (recipe.name, cfg.model.name) == ("transfer", "efficientnet_lite0")
-    assert cfg.train.recipe_reason == ("images are 128 px (median side of 33 sampled): "
-                                       "transfer learning from efficientnet_lite0")
-
-
-def test_default_with_at_most_ten_images_per_class_is_few_shot(tmp_path):
-    data = make_shapes(tmp_path / "shapes", per_class=10, size=128)
-    cfg, _, recipe = choose_recipe(RunConfig(data=DataConfig(path=str(data))))
-    assert (recipe.name, cfg.model.name) == ("fewshot", "efficientnet_lite0")
-    assert cfg.train.recipe_reason == ("images are 128 px (median side of 30 sampled), at most 10 training images "
-                                       "per class: few-shot classifier on efficientnet_lite0 embeddings")
+@pytest.mark.parametrize("per_class, recipe, reason", [
+    (11, "transfer", "images are 128 px (median side of 33 sampled): transfer learning from efficientnet_lite0"),
+    (10, "fewshot", "images are 128 px (median side of 30 sampled), at most 10 training images per class: "
+                    "few-shot classifier on efficientnet_lite0 embeddings"),
+])
+def test_default_on_larger_images_is_transfer_learning_or_few_shot_with_ten_per_class(tmp_path, per_class, recipe,
+                                                                                       reason):
+    data = make_shapes(tmp_path / "shapes", per_class=per_class, size=128)
+    cfg, _, chosen = choose_recipe(RunConfig(data=DataConfig(path=str(data))))
+    assert (chosen.name, cfg.model.name) == (recipe, "efficientnet_lite0")
+    assert cfg.train.recipe_reason == reason
 
 
 def test_a_named_model_or_recipe_wins_over_the_images(tmp_path):
