@@ -74,15 +74,21 @@ def run_training(cfg: RunConfig, out: Path | None = None, resume: Path | None = 
         plotter.close()
 
 
-def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, plotter, model_chosen=False) -> dict:
-    started = time.perf_counter()
+def _budget_and_device(cfg: RunConfig, recipe, dist, started: float | None = None):
+    """(the time budget, the device) a run plans with, and the decoder's pixel limit set: what a
+    saved run and an in-process one (tune, lr-find) both settle before _prepare."""
     minutes = cfg.train.budget or recipe.default_budget_minutes
-    budget = Budget(minutes, started) if minutes else None
     device = distributed.choose_device(cfg.train.device, dist)
     if recipe.cpu_only:
         device = torch.device("cpu")
-    distributed.init(dist, device)
     set_max_pixels(cfg.data.max_pixels)
+    return (Budget(minutes, started) if minutes else None), device
+
+
+def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, plotter, model_chosen=False) -> dict:
+    started = time.perf_counter()
+    budget, device = _budget_and_device(cfg, recipe, dist, started)
+    distributed.init(dist, device)
     resumed = _resume_state(resume) if resume is not None else None
     # a new run's folder is claimed before any data is read: a bad --out fails at once, and no
     # run started meanwhile can choose the same folder (only rank 0 writes one)
@@ -140,11 +146,8 @@ def prepare_in_process(cfg: RunConfig, reporter: Reporter):
     dist = distributed.Dist()
     model_chosen = cfg.model.name == "auto"
     cfg, family, recipe = choose_recipe(cfg, dist)
-    minutes = cfg.train.budget or recipe.default_budget_minutes
-    device = torch.device("cpu") if recipe.cpu_only else distributed.choose_device(cfg.train.device, dist)
-    set_max_pixels(cfg.data.max_pixels)
-    job = _prepare(cfg, family, recipe, None, None, reporter, dist, device, Budget(minutes) if minutes else None,
-                   model_chosen)
+    budget, device = _budget_and_device(cfg, recipe, dist)
+    job = _prepare(cfg, family, recipe, None, None, reporter, dist, device, budget, model_chosen)
     return recipe, job
 
 
