@@ -19,11 +19,19 @@ from .tta import combine_views
 # right or all wrong), not that the network needs it
 TEMPERATURE_RANGE = (0.05, 20.0)
 
+# Standard deviation of the prior on log T (a log-normal centred on T = 1). A validation split of a
+# few dozen images that are nearly all right pulls a plain maximum-likelihood T towards 0 (ever
+# sharper probabilities cost those images nothing), which leaves the model overconfident on the
+# next images; the prior keeps such a split's T near 1, and weighs nothing against thousands of
+# images (bench/calibration_floor.py and bench/RESULTS.md, "Calibration on small splits").
+LOG_TEMPERATURE_PRIOR_SD = 1.0
 
-def fit_temperature(logits: torch.Tensor, labels) -> float:
-    """The T that minimises the negative log-likelihood of `labels` under combine_views(logits, T).
-    `logits`: V x N x K (the network's logits on each test-time view of N validation images).
-    LBFGS on log T (T stays positive); 1.0 without images."""
+
+def fit_temperature(logits: torch.Tensor, labels, prior_sd: float | None = LOG_TEMPERATURE_PRIOR_SD) -> float:
+    """The T that maximises the posterior of `labels` under combine_views(logits, T): their summed
+    negative log-likelihood plus a normal prior on log T with standard deviation `prior_sd`
+    (None: plain maximum likelihood). `logits`: V x N x K (the network's logits on each test-time
+    view of N validation images). LBFGS on log T (T stays positive); 1.0 without images."""
     logits = logits.detach().float().clone()  # a normal tensor: logits from inference mode cannot enter autograd
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     if len(labels) == 0:
@@ -33,7 +41,9 @@ def fit_temperature(logits: torch.Tensor, labels) -> float:
 
     def nll():
         optimizer.zero_grad()
-        loss = negative_log_likelihood(logits, labels, log_t.exp())
+        loss = negative_log_likelihood(logits, labels, log_t.exp()) * len(labels)
+        if prior_sd is not None:
+            loss = loss + log_t ** 2 / (2 * prior_sd ** 2)
         loss.backward()
         return loss
 

@@ -36,6 +36,16 @@ def test_fitted_temperature_recovers_the_one_the_labels_were_drawn_with():
     assert nll(t) <= min(nll(t * 0.9), nll(t * 1.1))
 
 
+def test_a_handful_of_right_validation_images_does_not_sharpen_the_model_without_bound():
+    # 40 validation images, all right, from barely to clearly: maximum likelihood alone drives T to
+    # its floor (sharper is always cheaper for them); the prior on log T keeps it several times higher
+    logits = torch.zeros(1, 40, 3)
+    logits[0, :, 0] = torch.linspace(0.5, 5, 40)
+    labels = torch.zeros(40, dtype=torch.long)
+    assert fit_temperature(logits, labels, prior_sd=None) < 0.1
+    assert 0.2 < fit_temperature(logits, labels) < 1.0
+
+
 def test_temperature_keeps_the_top_class_and_the_threshold_keeps_the_share_asked_for():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
     x = torch.randn(50, 3, 2, 2, generator=torch.Generator().manual_seed(1))
