@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import DEFAULT_MODEL
 from .data.scan import scan_dataset
@@ -52,9 +51,6 @@ def backbone_features(paths: list[Path], labels: list[int], num_classes: int, se
                       reporter: Reporter, backbone: str = DEFAULT_MODEL) -> tuple[np.ndarray, list[Path], list[int]]:
     """Pooled features (N x F, float32) of the frozen ImageNet backbone, through the feature cache;
     with the paths and labels of the images that decoded."""
-    # the frozen part's cache key covers the whole model's weights, the head's included: seeded,
-    # so the head is the same every time and a second audit finds its features
-    torch.manual_seed(seed)
     model = TransferModel(timm_name(backbone), num_classes)
     load_backbone(model.backbone, backbone)
     model.eval()

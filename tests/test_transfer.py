@@ -200,3 +200,28 @@ def test_features_from_images_decoded_ahead_equal_decoding_on_demand(ants_bees_s
     for split in ("train", "val"):
         assert on_demand[split].paths == decoded_ahead[split].paths and len(on_demand[split]) == len(wanted[split][0]) - (split == "train")
         assert torch.equal(on_demand[split].tensor(), decoded_ahead[split].tensor())
+
+
+def test_feature_cache_is_shared_by_models_whose_heads_differ(ants_bees_small, tmp_path, monkeypatch):
+    """The cache key covers the backbone's weights only: a second model with another random head
+    (audit, tune and train each build their own) finds the first one's full-depth features."""
+    from pixclass.models.registry import create_model
+    from pixclass.models.pretrained import pretrained_preprocess
+    from pixclass.progress import Reporter
+    from pixclass.train import features
+
+    monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    files = sorted(ants_bees_small.rglob("*.jpg"))[:4]
+    rows, heads = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, _ = create_model("efficientnet_lite0", 2)
+        model.eval()
+        heads.append(model.head[0].weight)
+        rows.append(features.extract_features(model, model.n_units, {"all": (files, [0, 0, 1, 1], 0)},
+                                              pretrained_preprocess(model.backbone), None, 0, Reporter(quiet=True))[0])
+        if seed == 0:
+            monkeypatch.setattr(features, "_compute", lambda *a, **k: pytest.fail("features computed again"))
+    assert not torch.equal(*heads)
+    assert torch.equal(rows[0]["all"].tensor(), rows[1]["all"].tensor())
+    assert len(list((tmp_path / "cache" / "features").glob("*/*.safetensors"))) == 1

@@ -1,8 +1,9 @@
 """Features of a frozen backbone, computed once per image (and per augmented view) and cached.
 
-The cache is keyed by the file's content (not its name), the backbone and its weights, where the
-backbone is cut, the preprocessing, the augmentation and the number of views, so a stale entry can
-never be used; it is a folder of shards per frozen part (FeatureStore). The frozen part runs in
+The cache is keyed by the file's content (not its name), the backbone and its weights (the
+backbone's only: the head never changes what the frozen part computes, so runs with different
+heads share the features), where the backbone is cut, the preprocessing, the augmentation and the
+number of views, so a stale entry can never be used; it is a folder of shards per frozen part (FeatureStore). The frozen part runs in
 ONNX Runtime on a CPU (faster than PyTorch eager there: bench/RESULTS.md), in PyTorch where the
 export fails (with a warning), and on a GPU where the model is."""
 
@@ -153,7 +154,10 @@ def extract_features(model, cut: int, parts: dict, pre: Preprocess, augment: Bat
     here either way. Under torchrun (`dist`) each rank computes every world-th of the missing
     files, and the ranks exchange what they computed in rounds (_FeatureSink)."""
     frozen = FrozenPart(model, cut)
-    wdigest = weights_digest(frozen)
+    # the backbone's weights alone: the frozen part is units of the backbone, and a key that also
+    # hashed the (randomly initialised) head would keep audit, tune and train from sharing features.
+    # The folder name also changes with this key, so stores keyed the old way are simply not found.
+    wdigest = weights_digest(model.backbone)
     features_dir = cache_root() / "features"
     # STORE_FORMAT in the key: shards of another storage format are never mixed into a store
     folder = features_dir / digest(model.backbone_name, wdigest, cut, pre.to_dict(), STORE_FORMAT)
