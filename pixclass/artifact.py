@@ -1,6 +1,7 @@
 """The model artifact: a folder with `model.safetensors` (weights) and `pixclass.json`
 (architecture and its arguments, class names, preprocessing, test-time augmentation, calibration
-temperature, abstain threshold, training config, metrics, versions).
+temperature, abstain threshold, task (single-label "multiclass", or "multilabel" with one threshold
+per class), training config, metrics, versions).
 
 Loading checks the JSON against its schema (artifact_schema.py) and the weights' shapes against
 the network it describes, then rebuilds the network and fills it from safetensors: no pickle
@@ -41,6 +42,17 @@ class Artifact:
     tta: str = "none"  # the test-time augmentation every backend and export applies (tta.py)
     temperature: float = 1.0  # divides the logits before the softmax, everywhere (calibration.py)
     abstain: Abstain | None = None  # when the model answers "unknown" (abstain.py); None: never
+    # a multi-label model's (sigmoid outputs) per-class decision thresholds, tuned on validation;
+    # None: a single-label model (softmax, one class per image)
+    thresholds: list[float] | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.multilabel else "multiclass"
 
     def __post_init__(self):
         if self.tta not in TTA_MODES:  # a recipe's mistake: caught here, not in a file no loader accepts
@@ -49,7 +61,8 @@ class Artifact:
     def metadata(self) -> dict:
         return {"format": FORMAT, "arch": self.arch, "classes": list(self.classes),
                 "preprocess": self.preprocess.to_dict(), "tta": self.tta, "temperature": self.temperature,
-                "abstain": self.abstain.to_dict() if self.abstain else None, "config": self.config,
+                "abstain": self.abstain.to_dict() if self.abstain else None, "task": self.task,
+                "thresholds": self.thresholds, "config": self.config,
                 "metrics": self.metrics, "versions": self.versions or library_versions()}
 
 
@@ -123,6 +136,7 @@ def load(folder) -> Artifact:
     return Artifact(model=model, arch=meta.arch, classes=list(meta.spec.classes), preprocess=preprocess,
                     config=meta.spec.config, metrics=meta.spec.metrics, versions=meta.spec.versions,
                     tta=meta.spec.tta, temperature=meta.spec.temperature,
+                    thresholds=list(meta.spec.thresholds) if meta.spec.task == "multilabel" else None,
                     abstain=Abstain.from_dict(meta.spec.abstain.model_dump() if meta.spec.abstain else None))
 
 

@@ -99,6 +99,10 @@ class ArtifactSpec(_Strict):
     temperature: Annotated[FiniteFloat, Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])] = 1.0
     # absent or null: the model never answers "unknown" (older artifacts, runs without a validation split)
     abstain: AbstainSpec | None = None
+    # absent in the artifacts written before multi-label models existed: they are single-label
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    # a multi-label model's decision threshold per class (null for a single-label one)
+    thresholds: list[Annotated[FiniteFloat, Field(ge=0, le=1)]] | None = None
     config: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     versions: dict[str, Any] = {}
@@ -112,6 +116,14 @@ class ArtifactSpec(_Strict):
         if not isinstance(data, dict) or not isinstance(data.get("path", ""), (str, type(None))):
             raise ValueError("config.data must be an object whose path is a string")
         return config
+
+    @model_validator(mode="after")
+    def _one_threshold_per_class(self):
+        if self.task == "multilabel" and (self.thresholds is None or len(self.thresholds) != len(self.classes)):
+            raise ValueError(f"thresholds: a multilabel model needs one per class ({len(self.classes)})")
+        if self.task == "multiclass" and self.thresholds is not None:
+            raise ValueError("thresholds: only a multilabel model has them")
+        return self
 
     @field_validator("classes")
     @classmethod

@@ -227,7 +227,12 @@ def _print_train_summary(summary: dict) -> None:
     from .progress import console
     m = summary["metrics"]
     if m:
-        console.print(f"{m['split']} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  ({m['n']} images)", markup=False)
+        if m.get("task") == "multilabel":
+            console.print(f"{m['split']} macro F1 {m['macro_f1']:.4f}  mAP {m['mAP']:.4f}  exact match "
+                          f"{m['accuracy']:.4f}  ({m['n']} images)", markup=False)
+        else:
+            console.print(f"{m['split']} accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  ({m['n']} images)",
+                          markup=False)
     console.print(f"run folder: {summary['run_dir']}\nmodel: {summary['model_dir']}", markup=False)
     if summary.get("report"):
         console.print(f"report: {summary['report']}", markup=False)
@@ -363,12 +368,20 @@ def _print_metrics_table(metrics: dict) -> None:
     from rich.table import Table
 
     from .progress import console
-    table = Table(title="per class")
-    for col in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
+    multilabel = metrics.get("task") == "multilabel"
+    columns = ("class", "precision", "recall", "f1", *(("average_precision", "threshold") if multilabel else ()),
+               "support")
+    table = Table(title="per label" if multilabel else "per class")
+    for col in columns:
+        table.add_column(col.replace("average_precision", "AP"), justify="left" if col == "class" else "right")
     for row in metrics["per_class"]:
-        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(*(row[c] if c == "class" else str(row[c]) if c == "support" else f"{row[c]:.3f}" for c in columns))
     console.print(table)
+    if multilabel:
+        console.print(f"macro F1 {metrics['macro_f1']:.4f}  micro F1 {metrics['micro_f1']:.4f}  mAP "
+                      f"{metrics['mAP']:.4f}  exact match {metrics['accuracy']:.4f}  ({metrics['n']} images)\n"
+                      f"written to {metrics['out']}\nreport: {metrics['report']}", markup=False)
+        return
     topk = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     console.print(f"accuracy {metrics['accuracy']:.4f}  {topk} {metrics[topk]:.4f}  loss {metrics['loss']:.4f}  "
                   f"macro F1 {metrics['macro_f1']:.4f}  ({metrics['n']} images)\n" + _abstention_line(metrics) +
@@ -469,8 +482,8 @@ def _print_predictions(results: list[dict]) -> None:
     table.add_column("probability", justify="right")
     table.add_column("next")
     for r in results:
-        # an unknown image: its likeliest classes all go to "next"
-        best, rest = r["top_k"][0], r["top_k"][0 if r["unknown"] else 1:]
+        # an unknown image (or a multi-label one, whose answer may be several): its likeliest classes all go to "next"
+        best, rest = r["top_k"][0], r["top_k"][0 if r["unknown"] or "labels" in r else 1:]
         table.add_row(r["path"], r["answer"], f"{best['probability']:.3f}",
                       ", ".join(f"{c['class']} {c['probability']:.3f}" for c in rest))
     # piped output is not cut to 80 columns: a path split over lines is useless to grep

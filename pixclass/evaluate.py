@@ -1,4 +1,6 @@
-"""Evaluate a saved model on a labelled image folder: metrics, tables and figures."""
+"""Evaluate a saved model on a labelled image folder: metrics, tables and figures. A multi-label
+model is evaluated on a multi-label CSV (per-label precision, recall, F1 at the model's thresholds,
+average precision, macro-F1 and mAP)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from pathlib import Path
 from .abstain import abstention_metrics
 from .artifact import Artifact
 from .data.loaders import load_split
-from .data.label_csv import is_label_csv, read_label_csv
+from .data.label_csv import is_label_csv, is_multilabel, read_label_csv
 from .data.scan import dataset_location, ignored_files_note, read_manifest, scan_class_folders
 from .errors import DatasetError
 from .inference import Backend, TorchBackend, predict_batches
-from .metrics import absent_classes_note, classification_metrics
+from .metrics import absent_classes_note, metrics_for
 from .progress import Reporter
 
 
@@ -71,6 +73,11 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
     if pairs is None:
         per_class = scan_class_folders(root, ignored)
         pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"all images in {root}"
+    if art.multilabel != (is_label_csv(root) and is_multilabel(read_label_csv(root))):
+        raise DatasetError(f"the model is {art.task}, {root} is not: evaluate a multi-label model on a CSV with "
+                           f"several space-separated labels per image, a single-label model on single labels")
+    if art.multilabel:
+        return _multi_hot(pairs, art.classes, root) + (what,)
     unknown = sorted({c for _, c in pairs} - set(art.classes))
     if unknown:
         raise DatasetError(f"class folder(s) not known to the model: {', '.join(unknown)} "
@@ -84,6 +91,22 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
     return [p for p, _ in pairs], [index[c] for _, c in pairs], what
 
 
+def _multi_hot(pairs, classes: list[str], root) -> tuple[list, list]:
+    """(paths, multi-hot rows) of (path, "tag1 tag2") pairs."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({t for _, label in pairs for t in label.split(" ")} - set(index))
+    if unknown:
+        raise DatasetError(f"label(s) in {root} not known to the model: {', '.join(unknown[:10])} "
+                           f"(model labels: {', '.join(classes)})")
+    rows = []
+    for _, label in pairs:
+        row = [0.0] * len(classes)
+        for tag in label.split(" "):
+            row[index[tag]] = 1.0
+        rows.append(row)
+    return [p for p, _ in pairs], rows
+
+
 def evaluate_split(art: Artifact, split, batch_size: int = 256, backend: Backend | None = None) -> tuple[dict, object]:
     """Metrics for an in-memory split; also returns the probabilities (N x K, split order). The
     artifact's PyTorch model answers unless `backend` is given (e.g. an exported file's)."""
@@ -91,7 +114,7 @@ def evaluate_split(art: Artifact, split, batch_size: int = 256, backend: Backend
     probs, labels, _ = predict_batches(backend, split.batches(batch_size))
     if len(labels) == 0:
         raise DatasetError("no readable images to evaluate")
-    return classification_metrics(labels, probs, art.classes), probs
+    return metrics_for(labels, probs, art.classes, art.thresholds), probs
 
 
 def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None, abstain: bool = True):
@@ -116,13 +139,17 @@ def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | No
 
 
 def write_evaluation(metrics: dict, classes: list[str], out_dir) -> list[Path]:
-    """metrics.json, per_class.csv, confusion_matrix.json (the figures are the report's)."""
+    """metrics.json, per_class.csv, confusion_matrix.json (the figures are the report's); a
+    multi-label model's per_class.csv adds average precision and threshold, and it has no
+    confusion matrix."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(out / "per_class.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        writer = csv.DictWriter(f, fieldnames=list(metrics["per_class"][0]) if metrics["per_class"] else ["class"])
         writer.writeheader()
         writer.writerows(metrics["per_class"])
+    if "confusion_matrix" not in metrics:
+        return [out / "metrics.json", out / "per_class.csv"]
     (out / "confusion_matrix.json").write_text(json.dumps({"classes": classes, "matrix": metrics["confusion_matrix"]}))
     return [out / "metrics.json", out / "per_class.csv", out / "confusion_matrix.json"]

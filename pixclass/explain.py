@@ -127,7 +127,8 @@ class Explainer:
                              for img in images])
         if isinstance(self.cam, GradCAM):  # channels_last: PyTorch's CPU convolutions are ~1.5x faster in it
             x = batch_to_input(batch, pre)
-            if self.art.tta == "none" and self.art.temperature == 1.0:  # the CAM's own forward pass gives the probabilities
+            if self.art.tta == "none" and self.art.temperature == 1.0 and not self.art.multilabel:
+                # the CAM's own forward pass gives the probabilities
                 maps, probs = self.cam(x, class_index)
                 return maps, probs, batch
             probs = self._probabilities(x)
@@ -143,7 +144,7 @@ class Explainer:
     def _probabilities(self, x: torch.Tensor) -> np.ndarray:
         # a forward pass outside the CAM's: the hooks it fires keep nothing past the CAM's next call
         with torch.no_grad():
-            return tta_probabilities(self.model, x, self.art.tta, self.art.temperature).numpy()
+            return tta_probabilities(self.model, x, self.art.tta, self.art.temperature, self.art.multilabel).numpy()
 
 
 def overlay(image_uint8_chw: torch.Tensor, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

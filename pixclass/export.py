@@ -14,6 +14,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -217,16 +218,30 @@ def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: 
            threshold: float) -> Verification:
     """Compare an exported model with the reference (the PyTorch artifact) on the same
     standardized inputs N x C x H x W: top-1 agreement and probabilities on all of them, accuracy
-    on the first len(labels) (the held-out ones), latency."""
+    on the first len(labels) (the held-out ones), latency. For a multi-label model the answer
+    compared is the set of labels above their thresholds (agreement and accuracy: the same set)."""
     ref = _probabilities_in_chunks(reference, inputs)
     got = _probabilities_in_chunks(exported, inputs)
-    agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+    answers = partial(_answers, thresholds=reference.thresholds)
+    agreement = _share_equal(answers(ref), answers(got))
     held = len(labels)
+    truth = labels > 0.5 if reference.multilabel else labels
     return Verification(fmt, str(path), agreement, float(np.abs(ref - got).max()),
-                        float((ref[:held].argmax(1) == labels).mean()), float((got[:held].argmax(1) == labels).mean()),
+                        _share_equal(answers(ref[:held]), truth), _share_equal(answers(got[:held]), truth),
                         Path(path).stat().st_size / 2**20, _latency_ms(exported.probabilities, inputs[:1]),
                         _latency_ms(reference.probabilities, inputs[:1]), len(inputs), threshold,
                         agreement >= threshold, held)
+
+
+def _answers(probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    """The top class per image, or a multi-label model's yes/no per class (N x K)."""
+    return probs.argmax(1) if thresholds is None else probs >= np.asarray(thresholds, dtype=np.float32)
+
+
+def _share_equal(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of images whose answers are equal (every label of a multi-label answer)."""
+    same = a == b
+    return float((same.all(axis=1) if same.ndim == 2 else same).mean()) if len(a) else 0.0
 
 
 ORT_WEB_VERSION = "1.30.0"
@@ -269,7 +284,8 @@ def build_webapp(art, folder: Path) -> Path:
     # the abstain threshold is applied by app.js to the model's (calibrated) probabilities
     (folder / "meta.json").write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                                   "temperature": art.temperature,
-                                                  "abstain": art.abstain.to_dict() if art.abstain else None}))
+                                                  "abstain": art.abstain.to_dict() if art.abstain else None,
+                                                  "thresholds": art.thresholds}))
     with tarfile.open(_ort_web_tarball()) as tar:
         for name in ORT_WEB_FILES:
             with tar.extractfile(f"package/dist/{name}") as src, open(folder / name, "wb") as dst:

@@ -67,6 +67,7 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
     litert_sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                                 "tta": art.tta, "temperature": art.temperature,
                                                 "abstain": art.abstain.to_dict() if art.abstain else None,
+                                                "task": art.task, "thresholds": art.thresholds,
                                                 "input": "NHWC float32, standardized (int8 models: quantized with "
                                                          "the input's scale and zero point)"}, indent=1))
     return path

@@ -39,10 +39,12 @@ def onnx_metadata(art) -> dict[str, str]:
 
 def answer_metadata(art, prefix: str = "") -> dict[str, str]:
     """What every export says of how its probabilities are made and read, as text values: the
-    test-time augmentation and calibration temperature its graph applies, and the abstain threshold
-    (JSON; "null": never unknown) its reader applies."""
+    test-time augmentation and calibration temperature its graph applies, the abstain threshold
+    (JSON; "null": never unknown) its reader applies, the task ("multilabel": the graph ends in a
+    sigmoid per class) and a multi-label model's per-class thresholds (JSON; "null" otherwise)."""
     return {f"{prefix}tta": art.tta, f"{prefix}temperature": repr(float(art.temperature)),
-            f"{prefix}abstain": json.dumps(art.abstain.to_dict() if art.abstain else None)}
+            f"{prefix}abstain": json.dumps(art.abstain.to_dict() if art.abstain else None),
+            f"{prefix}task": art.task, f"{prefix}thresholds": json.dumps(art.thresholds)}
 
 
 def export_onnx(art, path: Path) -> Path:

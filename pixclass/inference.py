@@ -26,14 +26,16 @@ from torch import nn
 from .abstain import Abstain
 from .data.transforms import Preprocess, batch_to_input
 from .errors import UserError, first_line
+from .tta import activation
 from .tta import probabilities as tta_probabilities
 from .tta import view_logits
 
 
-def softmax_probabilities(logits: torch.Tensor) -> np.ndarray:
+def softmax_probabilities(logits: torch.Tensor, multilabel: bool = False) -> np.ndarray:
     """Logits N x K -> float32 probabilities N x K. The softmax runs in float32 whatever the
-    model's dtype, so a bf16 or fp16 model still gives probabilities that sum to 1."""
-    return torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
+    model's dtype, so a bf16 or fp16 model still gives probabilities that sum to 1; a multi-label
+    model's are the sigmoid of each logit."""
+    return activation(logits.detach().float(), multilabel).cpu().numpy()
 
 
 class Probabilities(nn.Module):
@@ -41,18 +43,19 @@ class Probabilities(nn.Module):
     TorchBackend runs and every export writes, so an exported file answers as the PyTorch model
     does, augmentation included."""
 
-    def __init__(self, model: nn.Module, tta: str = "none", temperature: float = 1.0):
+    def __init__(self, model: nn.Module, tta: str = "none", temperature: float = 1.0, multilabel: bool = False):
         super().__init__()
-        self.model, self.tta, self.temperature = model, tta, temperature
+        self.model, self.tta, self.temperature, self.multilabel = model, tta, temperature, multilabel
 
     @classmethod
     def of(cls, art, model: nn.Module | None = None) -> "Probabilities":
         """The artifact's network (or `model`, a wrapper of it) with the artifact's test-time
         augmentation and calibration temperature, in eval mode."""
-        return cls((model if model is not None else art.model).eval(), art.tta, art.temperature).eval()
+        return cls((model if model is not None else art.model).eval(), art.tta, art.temperature,
+                   art.multilabel).eval()
 
     def forward(self, x):  # N x C x H x W (standardized) -> N x classes (probabilities)
-        return tta_probabilities(self.model, x, self.tta, self.temperature)
+        return tta_probabilities(self.model, x, self.tta, self.temperature, self.multilabel)
 
 
 def _as_float32_array(x) -> np.ndarray:
@@ -63,14 +66,22 @@ def _as_float32_array(x) -> np.ndarray:
 
 
 class Backend:
-    """A model with its classes and preprocessing that turns image batches into probabilities."""
+    """A model with its classes and preprocessing that turns image batches into probabilities.
+    A multi-label model's (`thresholds` given: one per class) answers every class whose
+    probability reaches its threshold."""
 
     name = "backend"
     memory_format = torch.contiguous_format  # the layout `probabilities_uint8` standardizes into
 
-    def __init__(self, classes: list[str], preprocess: Preprocess, abstain: Abstain | None = None):
+    def __init__(self, classes: list[str], preprocess: Preprocess, abstain: Abstain | None = None,
+                 thresholds: list[float] | None = None):
         self.classes, self.preprocess = list(classes), preprocess
         self.abstain = abstain  # when its answer is "unknown" (abstain.py); None: never
+        self.thresholds = list(thresholds) if thresholds is not None else None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
 
     def probabilities(self, x) -> np.ndarray:
         """Standardized float N x C x H x W (numpy array or torch tensor) -> float32 N x K."""
@@ -93,14 +104,19 @@ class TorchBackend(Backend):
     memory_format = torch.channels_last
 
     def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess, tta: str = "none",
-                 temperature: float = 1.0, abstain: Abstain | None = None):
-        super().__init__(classes, preprocess, abstain)
+                 temperature: float = 1.0, abstain: Abstain | None = None, thresholds: list[float] | None = None,
+                 multilabel: bool | None = None):
+        """`multilabel`: sigmoid outputs; by default, whether `thresholds` are given (a model in
+        training has its sigmoid outputs before its thresholds are tuned)."""
+        super().__init__(classes, preprocess, abstain, thresholds)
         self.model = model.eval().to(memory_format=torch.channels_last)
-        self.network = Probabilities(self.model, tta, temperature)
+        self.network = Probabilities(self.model, tta, temperature,
+                                     thresholds is not None if multilabel is None else multilabel)
 
     @classmethod
     def from_artifact(cls, art) -> "TorchBackend":
-        return cls(art.model, art.classes, art.preprocess, art.tta, art.temperature, art.abstain)
+        return cls(art.model, art.classes, art.preprocess, art.tta, art.temperature, art.abstain, art.thresholds,
+                   art.multilabel)
 
     def probabilities(self, x) -> np.ndarray:
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
@@ -132,7 +148,8 @@ class OnnxBackend(Backend):
             raise UserError(f"{path} was not exported by pixclass (no class names or preprocessing in its metadata)")
         super().__init__(json.loads(meta["pixclass_classes"]),
                          Preprocess.from_dict(json.loads(meta["pixclass_preprocess"])),
-                         _abstain_of(meta.get("pixclass_abstain"), path))
+                         _abstain_of(meta.get("pixclass_abstain"), path),
+                         _thresholds_of(meta.get("pixclass_thresholds"), path))
         self.input_name = self.session.get_inputs()[0].name
 
     def probabilities(self, x) -> np.ndarray:
@@ -189,12 +206,24 @@ def _abstain_of(text: str | None, path) -> Abstain | None:
         raise UserError(f"{path}: its abstain threshold is not one pixclass wrote ({first_line(e)})") from None
 
 
-def _read_sidecar(path) -> tuple[list[str], Preprocess, Abstain | None]:
+def _thresholds_of(text: str | None, path) -> list[float] | None:
+    """A multi-label export's per-class thresholds from its metadata (JSON text; absent or "null":
+    a single-label model)."""
+    try:
+        thresholds = json.loads(text) if text else None
+        if thresholds is not None and not all(isinstance(t, (int, float)) for t in thresholds):
+            raise ValueError("not a list of numbers")
+        return thresholds
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: its label thresholds are not ones pixclass wrote ({first_line(e)})") from None
+
+
+def _read_sidecar(path) -> tuple[list[str], Preprocess, Abstain | None, list[float] | None]:
     side = litert_sidecar(path)
     try:
         meta = json.loads(side.read_text())
         return meta["classes"], Preprocess.from_dict(meta["preprocess"]), \
-            _abstain_of(json.dumps(meta.get("abstain")), side)
+            _abstain_of(json.dumps(meta.get("abstain")), side), _thresholds_of(json.dumps(meta.get("thresholds")), side)
     except FileNotFoundError:
         raise UserError(f"{path} has no {side.name} beside it (class names and preprocessing); "
                         "export it with pixclass export --format tflite") from None
@@ -218,7 +247,8 @@ def open_backend(path) -> Backend:
 
 
 def predict_batches(backend: Backend, batches):
-    """batches yields (uint8 images, labels, indices). Returns (probs N x K, labels N, indices N)."""
+    """batches yields (uint8 images, labels, indices). Returns (probs N x K, labels N (multi-label:
+    N x K), indices N)."""
     probs, labels, indices = [], [], []
     for images, y, idx in batches:
         probs.append(backend.probabilities_uint8(images))

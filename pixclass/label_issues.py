@@ -92,6 +92,8 @@ def find_label_issues(root, folds: int = FOLDS, seed: int = 0, reporter: Reporte
     reporter = reporter or Reporter()
     filters = require("cleanlab.filter", "labels", "pixclass audit --labels")
     scanned = scan_dataset(root)
+    if scanned.multilabel:  # confident learning here ranks one given label per image against the others
+        raise DatasetError(f"audit --labels checks one label per image; {root} is multi-label")
     classes = scanned.classes
     index = {c: i for i, c in enumerate(classes)}
     samples = scanned.samples

@@ -120,3 +120,90 @@ def most_confused(matrix, classes: list[str], top: int = 10) -> list[dict]:
 
 def per_sample_loss(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+
+
+# -- multi-label: labels are multi-hot N x K, probabilities independent per class ---------------
+
+DEFAULT_THRESHOLD = 0.5  # a class without a positive validation image keeps it
+
+
+def average_precision(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under one class's precision-recall curve as scikit-learn's average_precision_score
+    computes it (the precision at each distinct score, weighted by the recall it adds); 0 without
+    a positive."""
+    positive = np.asarray(positive, dtype=bool)
+    if not positive.any():
+        return 0.0
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last_of_ties = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # cut only between distinct scores
+    tp = np.cumsum(positive)[last_of_ties]
+    precision = tp / (last_of_ties + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / positive.sum()
+    return float((precision * recall_gain).sum())
+
+
+def tune_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Per class, the probability threshold with the best F1 on these (validation) images: the
+    midpoint between the lowest score kept and the next one below it; DEFAULT_THRESHOLD for a
+    class with no positive image."""
+    thresholds = []
+    for j in range(probs.shape[1]):
+        positive = labels[:, j] > 0.5
+        if not positive.any():
+            thresholds.append(DEFAULT_THRESHOLD)
+            continue
+        order = np.argsort(-probs[:, j], kind="mergesort")
+        scores, hit = probs[order, j], positive[order]
+        cuts = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # keep rows 0..cut
+        tp = np.cumsum(hit)[cuts]
+        f1 = 2 * tp / (cuts + 1 + positive.sum())
+        best = cuts[int(np.argmax(f1))]
+        below = scores[best + 1] if best + 1 < len(scores) else 0.0
+        thresholds.append(round(float((scores[best] + below) / 2), 6))
+    return thresholds
+
+
+def binary_cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
+    if not len(labels):
+        return 0.0
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    return float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
+
+
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], thresholds) -> dict:
+    """Per class precision, recall, F1 (at its threshold), average precision and support; macro-F1
+    and mAP over the classes with a positive image (the others are `absent_classes`), micro-F1,
+    `accuracy` (the share of images whose predicted set is exactly their set) and the mean
+    binary cross-entropy as `loss`."""
+    labels = np.asarray(labels) > 0.5
+    predicted = probs >= np.asarray(thresholds, dtype=np.float32)[None, :]
+    tp, fp, fn = (predicted & labels).sum(0), (predicted & ~labels).sum(0), (~predicted & labels).sum(0)
+    per_class = []
+    for j, c in enumerate(classes):
+        p = tp[j] / (tp[j] + fp[j]) if tp[j] + fp[j] else 0.0
+        r = tp[j] / (tp[j] + fn[j]) if tp[j] + fn[j] else 0.0
+        per_class.append({"class": c, "precision": float(p), "recall": float(r),
+                          "f1": float(2 * p * r / (p + r)) if p + r else 0.0,
+                          "average_precision": average_precision(labels[:, j], probs[:, j]),
+                          "threshold": float(thresholds[j]), "support": int(labels[:, j].sum())})
+    present = [c for c in per_class if c["support"] > 0]
+    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1)
+    return {
+        "task": "multilabel",
+        "accuracy": float((predicted == labels).all(axis=1).mean()) if len(labels) else 0.0,
+        "loss": binary_cross_entropy(labels.astype(np.float32), probs),
+        "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
+        "micro_f1": float(micro),
+        "mAP": float(np.mean([c["average_precision"] for c in present])) if present else 0.0,
+        "absent_classes": [c["class"] for c in per_class if c["support"] == 0],
+        "n": int(len(labels)),
+        "per_class": per_class,
+    }
+
+
+def metrics_for(labels: np.ndarray, probs: np.ndarray, classes: list[str], thresholds=None) -> dict:
+    """classification_metrics, or for a multi-label model (`thresholds` given) multilabel_metrics."""
+    if thresholds is not None:
+        return multilabel_metrics(labels, probs, classes, thresholds)
+    return classification_metrics(labels, probs, classes)

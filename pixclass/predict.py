@@ -21,10 +21,18 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return [{"class": classes[i], "probability": float(probs[i])} for i in order]
 
 
-def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | None) -> dict:
+def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | None,
+           thresholds: list[float] | None = None) -> dict:
     """One image's probabilities -> {"answer": the top class, or "unknown" below the abstain
     threshold; "unknown": whether it is (a class may be named "unknown"); "score": the abstain
-    score (None without a threshold); "top_k": the k likeliest classes}."""
+    score (None without a threshold); "top_k": the k likeliest classes}. A multi-label model's
+    (`thresholds` given): "labels", every class whose probability reaches its threshold (likeliest
+    first), and "answer" those labels joined by spaces (empty for none)."""
+    if thresholds is not None:
+        order = np.argsort(-probs)
+        labels = [classes[i] for i in order if probs[i] >= thresholds[i]]
+        return {"answer": " ".join(labels), "labels": labels, "unknown": False, "score": None,
+                "top_k": top_k(probs, classes, k)}
     best = classes[int(np.argmax(probs))]
     if abstain is None:
         return {"answer": best, "unknown": False, "score": None, "top_k": top_k(probs, classes, k)}
@@ -44,6 +52,7 @@ class Predictor:
         self.backend = source if isinstance(source, Backend) else TorchBackend.from_artifact(source)
         self.classes, self.preprocess = self.backend.classes, self.backend.preprocess
         self.abstain = self.backend.abstain if abstain else None
+        self.thresholds = self.backend.thresholds  # a multi-label model's; None: single-label
 
     @classmethod
     def load(cls, path, abstain: bool = True) -> "Predictor":
@@ -93,7 +102,8 @@ class Predictor:
             for chunk in decoded:
                 images = [img for _, img, _ in chunk if img is not None]
                 rows = iter(self.probabilities_uint8(torch.stack(images)) if images else [])
-                yield [{"path": str(paths[i]), **answer(next(rows), self.classes, k, self.abstain)} if img is not None
+                yield [{"path": str(paths[i]), **answer(next(rows), self.classes, k, self.abstain, self.thresholds)}
+                       if img is not None
                        else {"path": str(paths[i]), "error": reason} for i, img, reason in chunk]
         finally:
             decoded.close()

@@ -1,6 +1,8 @@
 """Prediction records written to a file as they come, in the format its suffix names: .csv, .jsonl
 or .parquet. A record is {"path", "answer", "unknown", "score", "top_k": [{"class", "probability"}, ...]}
-for an image (predict.answer), or {"path", "error"} for a file that could not be read.
+for an image (predict.answer), or {"path", "error"} for a file that could not be read. A
+multi-label model's "answer" is every label above its threshold, space-separated (JSONL adds them as
+a "labels" list), and its probabilities are each label's own.
 
 Each batch is written with one write and flushed, so a killed run loses at most the batch being
 written. A CSV or JSONL file can be continued (`--resume`): its complete lines say which files are
@@ -163,9 +165,10 @@ class JsonlFormat(_LineFormat):
     def line(self, record: dict, k: int) -> str:
         if "error" not in record:
             score = None if record["score"] is None else _probability(record["score"])
-            record = {"path": record["path"], "answer": record["answer"], "unknown": record["unknown"], "score": score,
-                      "top_k": [{"class": c["class"], "probability": _probability(c["probability"])}
-                                for c in record["top_k"]]}
+            labels = {"labels": record["labels"]} if "labels" in record else {}
+            record = {"path": record["path"], "answer": record["answer"], **labels, "unknown": record["unknown"],
+                      "score": score, "top_k": [{"class": c["class"], "probability": _probability(c["probability"])}
+                                                for c in record["top_k"]]}
         return json.dumps(record, ensure_ascii=False) + "\n"
 
     def path_of(self, line: str) -> str:

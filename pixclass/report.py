@@ -5,7 +5,11 @@ Sections: run summary and config, data, training curves, metrics (named after th
 from), per-class table, confusion matrix (counts and normalized), most-confused pairs, the
 worst-scored held-out images with their Grad-CAM overlays, and calibration (ECE with a
 reliability diagram, before and after the run's temperature scaling; the share of images the
-model answers "unknown")."""
+model answers "unknown").
+
+A multi-label model's report has the summary, data, curves, its metrics (macro and micro F1, mAP,
+exact-match accuracy) and a per-label table (precision, recall, F1 at the label's threshold,
+average precision, threshold, support) in place of the sections that read one class per image."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from .metrics import calibration, most_confused, per_sample_loss
 SPLIT_NAMES = {"val": "Validation", "test": "Test", "train": "Training"}
 SECTIONS = ("summary", "data", "curves", "metrics", "per-class", "confusion", "confused-pairs", "top-losses",
             "calibration")
+MULTILABEL_SECTIONS = ("summary", "data", "curves", "metrics", "per-class")
 
 
 def _evaluated_on(metrics: dict) -> str:
@@ -122,6 +127,8 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     out.mkdir(parents=True, exist_ok=True)
     plotter = plotter or InlinePlotter()
     classes = art.classes
+    if art.multilabel:
+        return _write_multilabel_report(out, title, art, metrics, history, counts, run_info, plotter)
     cm = metrics["confusion_matrix"]
     calib = calibration(labels, probs)
     figs = {"confusion": plotter.submit(plots.confusion_matrix, cm, classes, out / "confusion_matrix.png"),
@@ -142,21 +149,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     (out / "calibration.json").write_text(json.dumps(
         {**calib, "temperature": art.temperature, **({"before": before} if before else {})}, indent=2))
 
-    s = {}
-    info = dict(run_info or {})
-    info.update({"model": art.arch["name"], "test-time augmentation": art.tta, "classes": len(classes), "input": f"{art.preprocess.channels}x"
-                 f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{_evaluated_on(metrics)} "
-                 f"({metrics['n']} images)"})
-    s["summary"] = html_table([[k, v] for k, v in info.items()], ["", ""]) + \
-        f"<details><summary>config</summary><pre>{html.escape(yaml.safe_dump(art.config or {}, sort_keys=False))}</pre></details>"
-    if counts:
-        splits = sorted({sp for v in counts.values() for sp in v})
-        s["data"] = html_table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
-    else:
-        s["data"] = "<p>per-class counts of the evaluated images are in the per-class table (support)</p>"
-    s["curves"] = (img_tag(figs["curves"]) if history else "<p>no training curves: the few-shot classifier is fitted in "
-                   "one step</p>" if "loo_accuracy" in metrics else
-                   "<p>no training history (an evaluation of a saved model)</p>")
+    s = _overview_sections(art, metrics, counts, run_info, figs.get("curves"))
     topk = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
     headline = [["accuracy", f"{metrics['accuracy']:.4f}"], ["loss", f"{metrics['loss']:.4f}"],
                 ["macro F1", f"{metrics['macro_f1']:.4f}"], ["images", metrics["n"]]]
@@ -171,11 +164,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     if "loo_accuracy" in metrics:  # the few-shot recipe's estimate from the training images themselves
         headline.append([f"{metrics['fewshot_estimate']} accuracy on the training images ({metrics['fewshot_head']})",
                          f"{metrics['loo_accuracy']:.4f}"])
-    s["metrics"] = html_table(headline, ["metric", "value"])
-    if metrics.get("absent_classes"):
-        s["metrics"] += (f"<p>not evaluated (no image of theirs in {html.escape(_evaluated_on(metrics))}): "
-                         f"<b>{html.escape(', '.join(metrics['absent_classes']))}</b>; macro F1 is over the other "
-                         f"classes</p>")
+    s["metrics"] = html_table(headline, ["metric", "value"]) + _absent_note(metrics)
     s["per-class"] = html_table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                              for r in metrics["per_class"]], ["class", "precision", "recall", "F1", "support"])
     s["confusion"] = img_tag(figs["confusion"]) + img_tag(figs["confusion_norm"])
@@ -191,7 +180,56 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
               "confusion": "Confusion matrix",
               "confused-pairs": "Most-confused pairs", "top-losses": "Worst-scored images (top losses, Grad-CAM)",
               "calibration": "Calibration"}
-    body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{s[k]}</section>' for k in SECTIONS)
-    page = html_page(title, body)
-    (out / "report.html").write_text(page)
+    return _write_page(out, title, s, titles, SECTIONS)
+
+
+def _write_page(out: Path, title: str, sections: dict, titles: dict, order) -> Path:
+    body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sections[k]}</section>' for k in order)
+    (out / "report.html").write_text(html_page(title, body))
     return out / "report.html"
+
+
+def _overview_sections(art, metrics: dict, counts: dict | None, run_info: dict | None, curves: Path | None) -> dict:
+    """The summary, data and curves sections, the same for every model."""
+    s = {}
+    info = dict(run_info or {})
+    info.update({"model": art.arch["name"], "task": art.task, "test-time augmentation": art.tta,
+                 "classes": len(art.classes), "input": f"{art.preprocess.channels}x"
+                 f"{art.preprocess.size}x{art.preprocess.size}", "evaluated on": f"{_evaluated_on(metrics)} "
+                 f"({metrics['n']} images)"})
+    s["summary"] = html_table([[k, v] for k, v in info.items()], ["", ""]) + \
+        f"<details><summary>config</summary><pre>{html.escape(yaml.safe_dump(art.config or {}, sort_keys=False))}</pre></details>"
+    if counts:
+        splits = sorted({sp for v in counts.values() for sp in v})
+        s["data"] = html_table([[c] + [v.get(sp, 0) for sp in splits] for c, v in counts.items()], ["class"] + splits)
+    else:
+        s["data"] = "<p>per-class counts of the evaluated images are in the per-class table (support)</p>"
+    s["curves"] = (img_tag(curves) if curves else "<p>no training curves: the few-shot classifier is fitted in "
+                   "one step</p>" if "loo_accuracy" in metrics else
+                   "<p>no training history (an evaluation of a saved model)</p>")
+    return s
+
+
+def _absent_note(metrics: dict) -> str:
+    if not metrics.get("absent_classes"):
+        return ""
+    return (f"<p>not evaluated (no image of theirs in {html.escape(_evaluated_on(metrics))}): "
+            f"<b>{html.escape(', '.join(metrics['absent_classes']))}</b>; macro F1 is over the other "
+            f"classes</p>")
+
+
+def _write_multilabel_report(out: Path, title: str, art, metrics: dict, history, counts, run_info, plotter) -> Path:
+    curves = plotter.submit(plots.training_curves, history, out / "curves.png").get() if history else None
+    s = _overview_sections(art, metrics, counts, run_info, curves)
+    headline = [["macro F1", f"{metrics['macro_f1']:.4f}"], ["micro F1", f"{metrics['micro_f1']:.4f}"],
+                ["mAP", f"{metrics['mAP']:.4f}"], ["exact match (every label right)", f"{metrics['accuracy']:.4f}"],
+                ["binary cross-entropy", f"{metrics['loss']:.4f}"], ["images", metrics["n"]]]
+    s["metrics"] = html_table(headline, ["metric", "value"]) + _absent_note(metrics)
+    s["per-class"] = html_table([[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                                  f"{r['average_precision']:.3f}", f"{r['threshold']:.3f}", r["support"]]
+                                 for r in metrics["per_class"]],
+                                ["label", "precision", "recall", "F1", "AP", "threshold", "support"])
+    titles = {"summary": "Run summary", "data": "Data (images per label)", "curves": "Training curves",
+              "metrics": metrics_section_title(metrics),
+              "per-class": "Per-label precision, recall, F1 (at the label's threshold, tuned on validation), AP"}
+    return _write_page(out, title, s, titles, MULTILABEL_SECTIONS)

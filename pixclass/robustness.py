@@ -42,10 +42,16 @@ def parse_eps(text: str) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
+def check_single_label(art: Artifact) -> None:
+    if art.multilabel:  # every figure here is the accuracy of one answer per image, and the attacks aim at it
+        raise UserError("robustness measures single-label accuracy; it is not available for a multi-label model")
+
+
 def sample_images(art: Artifact, data, model_dir=None, limit: int | None = DEFAULT_LIMIT, seed: int = 0,
                   reporter: Reporter | None = None):
     """(uint8 images N x C x H x W, labels N, description, skipped files): the images evaluate
     would use, `limit` of them drawn at random (all classes mixed, the same ones on every run)."""
+    check_single_label(art)
     reporter = reporter or Reporter()
     paths, labels, what = labelled_files(data, art, model_dir, reporter)
     if limit and len(paths) > limit:

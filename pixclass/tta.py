@@ -9,6 +9,9 @@ service and the exported files all answer the same way.
 - "none": softmax of the network's output;
 - "hflip": the mean of the softmax on the image and on its left-right mirror.
 
+A multi-label model (`multilabel=True`: one independent yes/no per label) takes the sigmoid of each
+logit in place of the softmax over them, here too, so every backend and export agrees on that.
+
 The artifact's calibration temperature (calibration.py) divides the logits of every view before
 its softmax, here, so it travels into every export with the rest of the graph."""
 
@@ -20,12 +23,13 @@ from torch import nn
 TTA_MODES = ("none", "hflip")
 
 
-def probabilities(model: nn.Module, x: torch.Tensor, tta: str = "none", temperature: float = 1.0) -> torch.Tensor:
+def probabilities(model: nn.Module, x: torch.Tensor, tta: str = "none", temperature: float = 1.0,
+                  multilabel: bool = False) -> torch.Tensor:
     """Standardized N x C x H x W -> float32 probabilities N x K, averaged over the views `tta`
     names, each view's logits divided by `temperature` first."""
     if tta == "none":  # no views to stack: the exported graph is the network and its softmax
-        return _softmax(_scaled(model(x), temperature))
-    return combine_views(view_logits(model, x, tta), temperature)
+        return activation(_scaled(model(x), temperature), multilabel)
+    return combine_views(view_logits(model, x, tta), temperature, multilabel)
 
 
 def view_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -40,9 +44,10 @@ def view_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
     raise ValueError(f"unknown test-time augmentation {tta!r} (one of {', '.join(TTA_MODES)})")
 
 
-def combine_views(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """V x N x K logits -> N x K probabilities: the mean over the views of softmax(logits / T)."""
-    return _softmax(_scaled(logits, temperature)).mean(0)
+def combine_views(logits: torch.Tensor, temperature: float = 1.0, multilabel: bool = False) -> torch.Tensor:
+    """V x N x K logits -> N x K probabilities: the mean over the views of softmax(logits / T)
+    (of the sigmoid for a multi-label model)."""
+    return activation(_scaled(logits, temperature), multilabel).mean(0)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -50,7 +55,10 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
+def activation(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """Logits ... x K -> probabilities: the softmax over the K classes, or for a multi-label model
+    the sigmoid of each (K independent answers)."""
     # in float32 whatever the model's dtype, so a bf16 or fp16 model still gives probabilities that
     # sum to 1; a float32 model's graph (what exports trace) gets no cast at all
-    return torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
+    logits = logits if logits.dtype == torch.float32 else logits.float()
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)

@@ -175,3 +175,50 @@ def start_server(model_dir, *args):
     answers 200."""
     from pixclass.serve.local import start_local
     return start_local(model_dir, *args, timeout_s=30)
+
+
+def make_multilabel_pairs(source: Path, dest: Path, classes, pairs: int, seed: int = 0, per_class: int = 400,
+                          splits: bool = False) -> Path:
+    """A multi-label set from single-label class folders: each image two of `source`'s images side
+    by side (64x32 for CIFAR-10), labelled with both classes (one label when both halves are of
+    the same class), listed in `dest`/labels.csv (`path,"tag1 tag2"`). Each half is drawn without
+    replacement from the first `per_class` files of its class, so no image appears in two pairs
+    while there are enough. `splits`: a split column, 70/15/15 by position (seeded order)."""
+    import csv
+    rng = random.Random(seed)
+    pools = {c: sorted((source / c).iterdir())[:per_class] for c in classes}
+    for files in pools.values():
+        rng.shuffle(files)
+    used = {c: 0 for c in classes}
+
+    def take(c):
+        f = pools[c][used[c] % len(pools[c])]
+        used[c] += 1
+        return f
+
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(pairs):
+        a, b = rng.choice(classes), rng.choice(classes)
+        left, right = Image.open(take(a)).convert("RGB"), Image.open(take(b)).convert("RGB")
+        pair = Image.new("RGB", (left.width + right.width, max(left.height, right.height)))
+        pair.paste(left, (0, 0))
+        pair.paste(right, (left.width, 0))
+        name = f"images/{i:05d}.jpg"
+        pair.save(dest / name, quality=95)
+        split = ["train", "val", "test"][(i * 20 // pairs >= 14) + (i * 20 // pairs >= 17)] if splits else None
+        rows.append([name, " ".join(sorted({a, b}))] + ([split] if splits else []))
+    with open(dest / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"] + (["split"] if splits else []))
+        writer.writerows(rows)
+    return dest / "labels.csv"
+
+
+MULTILABEL_CLASSES = ("airplane", "automobile", "cat", "frog")
+
+
+@pytest.fixture(scope="session")
+def cifar_multilabel(cifar_train_400, tmp_path_factory) -> Path:
+    """labels.csv of 480 multi-label pairs (64x32) of 4 CIFAR-10 classes."""
+    return make_multilabel_pairs(cifar_train_400, tmp_path_factory.mktemp("multilabel"), MULTILABEL_CLASSES, 480)

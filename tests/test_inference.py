@@ -32,7 +32,8 @@ def tiny_model(seed: int = 0) -> nn.Module:
 def tiny_artifact(seed: int = 0):
     """What export_onnx reads of an artifact."""
     return SimpleNamespace(model=tiny_model(seed), classes=CLASSES, preprocess=PRE, arch={"name": "tiny"},
-                           tta="none", temperature=1.0, abstain=None)
+                           tta="none", temperature=1.0, abstain=None, thresholds=None, multilabel=False,
+                           task="multiclass")
 
 
 def uint8_batch(n: int = 6, seed: int = 1) -> torch.Tensor:

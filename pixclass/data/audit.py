@@ -317,7 +317,7 @@ def quick_audit(scanned) -> list[str]:
                      f"{', '.join(str(s.path) for s in conflict[0])}")
     if dup:
         lines.append(f"{len(dup)} group(s) of exact duplicates within a class")
-    counts = Counter(s.label for s in scanned.samples)
+    counts = Counter(t for s in scanned.samples for t in scanned.tags(s))
     if counts and min(counts.values()) and max(counts.values()) / min(counts.values()) >= 10:
         lines.append(f"classes are imbalanced {max(counts.values()) / min(counts.values()):.0f}:1 "
                      f"({max(counts, key=counts.get)} vs {min(counts, key=counts.get)})")

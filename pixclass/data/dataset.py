@@ -15,11 +15,11 @@ from .transforms import Preprocess
 
 @dataclass
 class PathSplit:
-    """A split not decoded yet: file paths and label indices (for pipelines that decode only
-    what they need, such as cached pretrained features)."""
+    """A split not decoded yet: file paths and label indices (multi-label: multi-hot rows) (for
+    pipelines that decode only what they need, such as cached pretrained features)."""
 
     paths: list[Path]
-    labels: list[int]
+    labels: list
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,12 +38,18 @@ class PreparedData:
     def classes(self) -> list[str]:
         return self.scanned.classes
 
+    @property
+    def multilabel(self) -> bool:
+        """Several labels per image: the splits' labels are multi-hot rows N x K."""
+        return self.scanned.multilabel
+
     def counts(self) -> dict:
         """{class: {split: images}} of the images actually used: unreadable files are left out."""
         table, skipped = self.scanned.counts(), {Path(p) for p, _ in self.skipped}
         for s in self.scanned.samples:
             if s.path in skipped:
-                table[s.label][s.split] -= 1
+                for tag in self.scanned.tags(s):
+                    table[tag][s.split] -= 1
         return table
 
     def write_manifest(self, path: Path) -> None:
@@ -92,9 +98,17 @@ def prepare_data(path, channels: int = 3, image_size: int | None = None, fractio
     warn_about_scan(scanned, reporter)
     index = {c: i for i, c in enumerate(scanned.classes)}
 
+    def target(sample):  # a class index, or a multi-label sample's multi-hot row
+        if not scanned.multilabel:
+            return index[sample.label]
+        row = [0.0] * len(index)
+        for tag in scanned.tags(sample):
+            row[index[tag]] = 1.0
+        return row
+
     def split_files(name):
         samples = scanned.split(name)
-        return [s.path for s in samples], [index[s.label] for s in samples]
+        return [s.path for s in samples], [target(s) for s in samples]
 
     train_paths, train_labels = split_files("train")
     if preprocess is None:

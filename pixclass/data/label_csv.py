@@ -1,6 +1,11 @@
 """Labels from a CSV file instead of class folders: one row per image, `path,label`, paths relative
 to the CSV's own folder (or absolute); an optional `split` column (train, val, test) fixes the
-split of each row, as split folders do."""
+split of each row, as split folders do.
+
+Multi-label: a label cell may hold several space-separated tags (`img.jpg,"cat dog"`); a CSV with at
+least one such cell is a multi-label dataset (every image may have any number of its tags), so tag
+names cannot contain spaces there. A row's label is kept as its tags, sorted and each once,
+joined by one space."""
 
 from __future__ import annotations
 
@@ -18,8 +23,22 @@ _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "v
 @dataclass(frozen=True)
 class LabelRow:
     path: Path
-    label: str
+    label: str  # a multi-label row's tags, sorted, joined by one space
     split: str | None  # None: the scan assigns one
+
+    @property
+    def tags(self) -> list[str]:
+        return self.label.split(" ")
+
+
+def is_multilabel(rows: list[LabelRow]) -> bool:
+    """Whether a label CSV's rows make a multi-label dataset: some row has several tags."""
+    return any(" " in r.label for r in rows)
+
+
+def tags_of(label: str) -> str:
+    """A label cell as the row keeps it: its whitespace-separated tags, sorted, each once."""
+    return " ".join(sorted(set(label.split())))
 
 
 def is_label_csv(path) -> bool:
@@ -57,7 +76,7 @@ def read_label_csv(path) -> list[LabelRow]:
             continue
         if len(row) <= max(i_path, i_label):
             raise DatasetError(f"{path}, line {line}: expected at least {max(i_path, i_label) + 1} columns")
-        file, label = row[i_path].strip(), row[i_label].strip()
+        file, label = row[i_path].strip(), tags_of(row[i_label])
         if not file or not label:
             raise DatasetError(f"{path}, line {line}: empty path or label")
         split = None

@@ -21,6 +21,14 @@ from .decode import decode_image, read_size
 from .transforms import Preprocess, image_to_uint8
 
 
+def label_tensor(labels: list) -> torch.Tensor:
+    """Class indices -> int64 N; multi-label multi-hot rows -> float32 N x K (what
+    BCEWithLogitsLoss takes)."""
+    if labels and isinstance(labels[0], (list, tuple)):
+        return torch.tensor(labels, dtype=torch.float32)
+    return torch.tensor(labels, dtype=torch.long)
+
+
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1)))
 
@@ -124,7 +132,7 @@ def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Gener
 @dataclass
 class SplitData:
     """One split kept in memory: inputs (uint8 images N x C x H x W, or cached features
-    N x views x ...), labels int64 N, and the file paths."""
+    N x views x ...), labels int64 N (multi-label: float32 multi-hot N x K), and the file paths."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -144,7 +152,7 @@ class StreamingSplit:
 
     def __init__(self, paths: list[Path], labels: list[int], pre: Preprocess):
         self.paths, self.labels_list, self.pre = list(paths), list(labels), pre
-        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.labels = label_tensor(self.labels_list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -206,7 +214,7 @@ def load_split(paths: list[Path], labels: list[int], pre: Preprocess, reporter: 
         return StreamingSplit(paths, labels, pre), []
     images, idx, failures = _cached_decode(paths, pre, reporter, what)
     kept = idx.tolist()
-    return SplitData(images, torch.tensor([labels[i] for i in kept], dtype=torch.long), [paths[i] for i in kept]), failures
+    return SplitData(images, label_tensor([labels[i] for i in kept]), [paths[i] for i in kept]), failures
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:

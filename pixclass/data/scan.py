@@ -4,7 +4,9 @@ Three layouts are understood:
 - class folders directly under DATA: split here, stratified and seeded (70/15/15 by default);
 - DATA/train/<class>/..., with optional val|valid|validation/ and test/ subfolders;
 - a CSV of labels (DATA.csv: path,label[,split]; label_csv.py), split like class folders unless
-  its rows name their split.
+  its rows name their split; with several space-separated tags in a label cell, a multi-label
+  dataset (`multilabel`: the classes are the tags, a sample's label its tags joined by spaces),
+  split at random (seeded) since no one class stratifies it.
 A standard dataset named "torchvision:NAME" is its split-folder copy in the cache (named.py).
 The split is written as a manifest (CSV: path, class, split); given an earlier manifest, every file
 listed there keeps its split and only new files are assigned.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from ..errors import DatasetError, UserError
 from . import named
-from .label_csv import is_label_csv, read_label_csv
+from .label_csv import is_label_csv, is_multilabel, read_label_csv
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -113,21 +115,28 @@ class ScannedDataset:
     layout: str  # "class-folders", "split-folders" or "label-csv"
     empty_classes: list[str] = field(default_factory=list)  # folders without images: not classes
     ignored: list[Path] = field(default_factory=list)  # files in class folders without an image extension
+    multilabel: bool = False  # a multi-label CSV: each sample's label is its tags joined by spaces
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
 
+    def tags(self, sample: Sample) -> list[str]:
+        """The classes of a sample: its one label, or a multi-label sample's tags."""
+        return sample.label.split(" ") if self.multilabel else [sample.label]
+
     def classes_missing_from_held_out(self) -> dict[str, list[str]]:
         """{split: classes without an image there} for the val and test splits that have images:
         such a class is never validated or tested, and a score over that split says nothing of it."""
-        present = {name: {s.label for s in self.samples if s.split == name} for name in ("val", "test")}
+        present = {name: {t for s in self.samples if s.split == name for t in self.tags(s)} for name in ("val", "test")}
         return {name: [c for c in self.classes if c not in labels] for name, labels in present.items()
                 if labels and not labels >= set(self.classes)}
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """{class: {split: images}}; a multi-label image counts once for each of its tags."""
         table = {c: {s: 0 for s in SPLITS} for c in self.classes}
         for s in self.samples:
-            table[s.label][s.split] += 1
+            for tag in self.tags(s):
+                table[tag][s.split] += 1
         return table
 
 
@@ -212,6 +221,17 @@ def dataset_name(data) -> str:
     return p.stem if p.suffix.lower() == ".csv" else p.name
 
 
+def is_multilabel_dataset(data) -> bool:
+    """Whether a dataset argument is a multi-label CSV (a cell with several tags). A CSV that
+    cannot be read is not: the scan that follows names the problem."""
+    if named.is_named(data) or not is_label_csv(data):
+        return False
+    try:
+        return is_multilabel(read_label_csv(data))
+    except DatasetError:
+        return False
+
+
 def dataset_files(location: Path) -> list[Path]:
     """Every image of a dataset location (a folder or a label CSV), whatever its label or split."""
     if is_label_csv(location):
@@ -252,6 +272,8 @@ def _scan_label_csv(path: Path, fractions, seed, manifest) -> ScannedDataset:
     given = {r.split is not None for r in rows}
     if given == {True, False}:
         raise DatasetError(f"{path}: some rows name a split and some do not; give every row a split or none")
+    if is_multilabel(rows):
+        return _scan_multilabel(path, rows, fractions, seed, manifest)
     # classes by name, files by path, as a folder scan lists them: the same images in a CSV and
     # in folders give the same split and the same training order
     tables: dict[str, dict[str, list[Path]]] = {}
@@ -263,6 +285,30 @@ def _scan_label_csv(path: Path, fractions, seed, manifest) -> ScannedDataset:
         raise DatasetError(f"{path}: no row has the split 'train'")
     where = {split: f"{path} (split {split})" for split in tables}
     return _scan_given_splits(path.parent, tables, where, fractions, seed, [], "label-csv")
+
+
+def _scan_multilabel(path: Path, rows, fractions, seed, manifest) -> ScannedDataset:
+    """A multi-label CSV: the classes are its tags; rows without a split are split at random,
+    seeded (as one group: `stratified_split`'s sizes), or as an earlier manifest says."""
+    rows = sorted(rows, key=lambda r: r.path)
+    tag_counts = Counter(t for r in rows if r.split in (None, "train") for t in r.tags)
+    if len(tag_counts) < 2:
+        raise DatasetError(f"{path}: a multi-label CSV needs at least 2 tags among its training rows")
+    if rows[0].split is not None:
+        if not any(r.split == "train" for r in rows):
+            raise DatasetError(f"{path}: no row has the split 'train'")
+        unknown = sorted({t for r in rows for t in r.tags} - set(tag_counts))
+        if unknown:
+            raise DatasetError(f"{path}: tag(s) {', '.join(unknown[:5])} have no training row")
+        assignment = {r.path: r.split for r in rows}
+    else:
+        previous = read_manifest(manifest, path.parent) if manifest else {}
+        fresh = [r.path for r in rows if r.path not in previous]
+        assignment = stratified_split({"all": fresh}, fractions, seed) if not previous else {
+            p: _assign_new_file(Path(os.path.relpath(p, path.parent)), fractions, seed) for p in fresh}
+        assignment.update({p: s for p, (_, s) in previous.items()})
+    samples = [Sample(r.path, r.label, assignment[r.path]) for r in rows]
+    return ScannedDataset(path.parent, sorted(tag_counts), samples, "label-csv", multilabel=True)
 
 
 def _scan_given_splits(root: Path, tables: dict[str, dict[str, list[Path]]], where: dict, fractions, seed,

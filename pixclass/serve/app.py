@@ -84,6 +84,9 @@ class FilePrediction(BaseModel):
     unknown: bool
     score: float | None  # the abstain score (None: the model has no threshold, or --abstain off)
     top_k: list[dict]
+    # a multi-label model's answer: every label whose probability reaches its threshold (then
+    # `answer` is them joined by spaces); absent for a single-label model
+    labels: list[str] | None = None
 
 
 class PredictResponse(BaseModel):
@@ -183,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
         probs = await state["batcher"].submit(await state["decoder"].decode([n or "<upload>" for n in names], contents))
         classes = state["art"].classes
         abstain = state["art"].abstain if settings.abstain else None
-        records = [answer(p, classes, min(k, len(classes)), abstain) for p in probs]
+        records = [answer(p, classes, min(k, len(classes)), abstain, state["art"].thresholds) for p in probs]
         answers = [r["top_k"] for r in records]  # what the prediction log keeps
         request_id = x_request_id if x_request_id and REQUEST_ID.fullmatch(x_request_id) else uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in files]
@@ -226,7 +229,8 @@ def create_app(settings: Settings) -> FastAPI:
         art = state["art"]
         return {"name": art.arch["name"], "version": state["version"], "digest": state["digest"], "classes": art.classes,
                 "preprocess": art.preprocess.to_dict(), "tta": art.tta, "temperature": art.temperature,
-                "abstain": art.abstain.to_dict() if art.abstain and settings.abstain else None, "metrics": art.metrics,
+                "abstain": art.abstain.to_dict() if art.abstain and settings.abstain else None,
+                "task": art.task, "thresholds": art.thresholds, "metrics": art.metrics,
                 "versions": art.versions,
                 "backend": {"name": state["backend"].name, "reason": state["backend_reason"]}}
 

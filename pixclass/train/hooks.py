@@ -20,6 +20,7 @@ from torch import nn
 from ..atomic_write import write_text_atomically
 from .balance import BALANCED_MONITOR
 from .checkpoint import save_checkpoint
+from .loop import MULTILABEL_MONITOR
 
 HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                   "epoch_s", "images_per_s", "elapsed_s"]
@@ -28,8 +29,9 @@ HISTORY_FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_l
 def write_history(history: list[dict], path: Path) -> None:
     """metrics.csv, replaced whole: a full disk leaves the previous epoch's file, not a torn one."""
     text = io.StringIO(newline="")
-    # a balanced run's checkpoints are picked by validation macro-F1 (balance.py): its column too
-    extra = [BALANCED_MONITOR] if any(BALANCED_MONITOR in row for row in history) else []
+    # a balanced run's checkpoints are picked by validation macro-F1 (balance.py), a multi-label
+    # run's by validation mAP (loop.py): their columns too
+    extra = [name for name in (BALANCED_MONITOR, MULTILABEL_MONITOR) if any(name in row for row in history)]
     writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)

@@ -18,7 +18,7 @@ from ..config import TrainConfig
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import UserError
 from ..inference import softmax_probabilities
-from ..metrics import cross_entropy, macro_f1
+from ..metrics import DEFAULT_THRESHOLD, average_precision, binary_cross_entropy, cross_entropy, macro_f1
 from ..progress import Reporter
 from .balance import OFF, Balance
 from .checkpoint import load_checkpoint
@@ -56,7 +56,11 @@ class Trainer:
     memory format the model runs in. `param_groups` gives per-group learning-rate multipliers;
     `history` may be shared between phases of one run; `hooks` see every step and epoch.
     `balance` (balance.py): class-weighted loss or class-balanced draws, and the checkpoint
-    picked by validation macro-F1."""
+    picked by validation macro-F1.
+
+    Multi-label splits (labels multi-hot N x K) train with binary cross-entropy on each logit;
+    validation adds `val_map` (mean average precision), which picks the checkpoint, and
+    `val_macro_f1` at DEFAULT_THRESHOLD (the tuned thresholds come after training)."""
 
     def __init__(self, model: nn.Module, train, val, cfg: TrainConfig, inputs, reporter: Reporter | None = None,
                  hooks=(), phase: str = "train", history: list | None = None, param_groups: list[dict] | None = None,
@@ -87,16 +91,20 @@ class Trainer:
         self.balance = balance or OFF
         weight = self.balance.loss_weights()
         weight = weight.to(self.device) if weight is not None else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-        self.loss_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum")
+        self.multilabel = train.labels.ndim == 2
+        if self.multilabel:
+            self.loss_fn, self.loss_sum = nn.BCEWithLogitsLoss(), nn.BCEWithLogitsLoss(reduction="sum")
+        else:
+            self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+            self.loss_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum")
         self.sample_weights = self.balance.sample_weights(train.labels)
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         self.optimizer = build_optimizer([{**g, "lr": cfg.lr * g.pop("lr_scale", 1.0)} for g in param_groups], cfg)
         self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.schedule = LRSchedule(self.optimizer, cfg, self.steps_per_epoch)
-        self.stopper = EarlyStopping(self.balance.monitor(cfg.monitor) if val is not None and len(val) else "none",
-                                     cfg.early_stopping)
+        monitor = MULTILABEL_MONITOR if self.multilabel else self.balance.monitor(cfg.monitor)
+        self.stopper = EarlyStopping(monitor if val is not None and len(val) else "none", cfg.early_stopping)
         self.history = history if history is not None else []
         self.epoch_offset = len(self.history)  # epochs of earlier phases
         self.epoch, self.step = 0, 0
@@ -179,6 +187,8 @@ class Trainer:
                         # average exactly the gradient of the mean loss over the whole batch
                         logits = self.ddp(x)
                         summed = self.loss_sum(logits.float(), labels)
+                        if self.multilabel:  # summed over the K outputs too: the mean is per output
+                            summed = summed / labels.shape[1]
                         loss = summed * self.dist.world / global_batch
                         batch_loss = summed.item()
                     else:
@@ -196,7 +206,7 @@ class Trainer:
                 self.step += 1
                 n = len(labels)
                 total_loss += batch_loss if batch_loss is not None else loss.item() * n
-                correct += (logits.argmax(1) == labels).sum().item()
+                correct += self._correct(logits, labels)
                 seen += n
                 rate = seen / (time.perf_counter() - t0)
                 bar.advance(n, f"loss {total_loss / seen:.4f} acc {correct / seen:.4f} {rate:.0f} img/s")
@@ -211,6 +221,13 @@ class Trainer:
         return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "epoch_s": round(elapsed, 3), "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
 
+    def _correct(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Right answers in a batch: images whose top class is their label, or for multi-label the
+        share of each image's K yes/no answers that are right (summed over the images)."""
+        if self.multilabel:
+            return ((logits > 0) == (labels > 0.5)).float().mean(1).sum().item()
+        return (logits.argmax(1) == labels).sum().item()
+
     def _batch_files(self, idx: torch.Tensor, limit: int = 8) -> str:
         paths = getattr(self.train, "paths", None)
         if not paths:
@@ -222,16 +239,20 @@ class Trainer:
     def validate(self) -> dict:
         """Validation loss and accuracy of the model as it is now."""
         if self.val is None or len(self.val) == 0:
-            return {"val_loss": None, "val_accuracy": None, **({"val_macro_f1": None} if self.balance.active else {})}
+            extra = {"val_macro_f1": None, "val_map": None} if self.multilabel else \
+                {"val_macro_f1": None} if self.balance.active else {}
+            return {"val_loss": None, "val_accuracy": None, **extra}
         self.model.eval()
         probs, labels = [], []
         for x, y, _ in self.val.batches(256):
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                 enabled=self.amp_dtype is not None):
                 logits = self.model(self.inputs(x, None).to(self.device, non_blocking=True))
-            probs.append(softmax_probabilities(logits))
+            probs.append(softmax_probabilities(logits, self.multilabel))
             labels.append(y)
         probs, labels = np.concatenate(probs), torch.cat(labels).numpy()
+        if self.multilabel:
+            return _multilabel_validation(labels, probs)
         row = {"val_loss": cross_entropy(labels, probs), "val_accuracy": float((probs.argmax(1) == labels).mean())}
         if self.balance.active:
             row["val_macro_f1"] = macro_f1(labels, probs.argmax(1), [str(i) for i in range(probs.shape[1])])
@@ -277,12 +298,32 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
 
 
+# what picks a multi-label run's checkpoint: threshold-free, so the thresholds tuned after training
+# do not decide which weights they are tuned for
+MULTILABEL_MONITOR = "val_map"
+
+
+def _multilabel_validation(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """A multi-label validation row: binary cross-entropy, the share of right yes/no answers,
+    macro-F1 at DEFAULT_THRESHOLD and mAP over the classes with a positive image."""
+    predicted, positive = probs >= DEFAULT_THRESHOLD, labels > 0.5
+    present = [j for j in range(labels.shape[1]) if positive[:, j].any()]
+    f1 = [2 * (predicted[:, j] & positive[:, j]).sum() / max(predicted[:, j].sum() + positive[:, j].sum(), 1)
+          for j in present]
+    return {"val_loss": binary_cross_entropy(labels, probs), "val_accuracy": float((predicted == positive).mean()),
+            "val_macro_f1": float(np.mean(f1)) if f1 else 0.0,
+            "val_map": float(np.mean([average_precision(positive[:, j], probs[:, j]) for j in present]))
+            if present else 0.0}
+
+
 def _epoch_line(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"acc {row['train_accuracy']:.4f}"]
     if row.get("val_loss") is not None:
         parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
         if row.get("val_macro_f1") is not None:
             parts.append(f"val_macro_f1 {row['val_macro_f1']:.4f}")
+        if row.get("val_map") is not None:
+            parts.append(f"val_mAP {row['val_map']:.4f}")
     parts += [f"{row['images_per_s']:.0f} img/s", f"lr {row['lr']:.2e}"]
     return "  ".join(parts)
 

@@ -64,7 +64,9 @@ def range_test(target, cfg: TrainConfig, device=None, steps: int = STEPS, start:
     scales = [g.get("lr_scale", 1.0) for g in groups]
     optimizer = build_optimizer([{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": start} for g in groups],
                                 dataclasses.replace(cfg, lr=start))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # a multi-label split (multi-hot labels N x K) sweeps the loss it trains with
+    loss_fn = nn.BCEWithLogitsLoss() if target.train.labels.ndim == 2 else \
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     generator = torch.Generator().manual_seed(cfg.seed)
     lrs, losses, average, best = [], [], 0.0, math.inf
     module.train()

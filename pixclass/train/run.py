@@ -24,14 +24,14 @@ from ..data.transforms import Preprocess
 from ..atomic_write import FileWriteError, describe_os_error
 from ..errors import UserError, first_line
 from ..evaluate import write_evaluation
-from ..metrics import absent_classes_note, classification_metrics, likely_label_issues
+from ..metrics import absent_classes_note, likely_label_issues, metrics_for
 from ..models.registry import create_model
 from ..plot_worker import plotter_for_run
 from ..progress import Reporter
 from ..report import write_report
 from ..runs import CLAIM_FILE, ClaimedFolder, claim_folder, claim_new_folder
 from . import distributed
-from .balance import resolve_balance
+from .balance import OFF, resolve_balance
 from .budget import Budget
 from .calibrate import calibrate
 from .checkpoint import load_checkpoint
@@ -223,7 +223,10 @@ def _prepare(cfg: RunConfig, family, recipe, run_dir: Path | None, resumed, repo
         _write_run_files(run_dir, cfg, data)
     _report_setup(data, model, arch, recipe, device, dist, reporter)
     no_choice = recipe.no_checkpoint_choice or ("" if data.val is not None and len(data.val) else "no validation split")
-    balance = resolve_balance(cfg.train.balance, data.train.labels, data.classes, no_checkpoint_choice=no_choice)
+    if data.multilabel:  # class weights and draws are per single label; a multi-label image has several
+        balance = OFF
+    else:
+        balance = resolve_balance(cfg.train.balance, data.train.labels, data.classes, no_checkpoint_choice=no_choice)
     if balance.description:
         reporter.info(f"class balance: {balance.description}")
     return Job(model, arch, data, cfg, run_dir if dist.main else None, reporter, dist, device,
@@ -272,8 +275,13 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     data, cfg = job.data, job.cfg
     already_named = set(data.skipped)  # by prepare_data
     report_skipped([s for s in result.skipped if s not in already_named], job.reporter)
-    calibrated = calibrate(job.model, data, result.tta, result.held_out.split if result.held_out else None,
-                           job.reporter, cfg.data.max_memory_gb)
+    thresholds, calibrated = None, None
+    if data.multilabel:
+        from .thresholds import fit_thresholds
+        thresholds = fit_thresholds(job.model, data, result.tta, job.reporter)
+    else:
+        calibrated = calibrate(job.model, data, result.tta, result.held_out.split if result.held_out else None,
+                               job.reporter, cfg.data.max_memory_gb)
     held, uncalibrated = result.held_out, None
     if calibrated is not None and held is not None and calibrated.held_out is not None \
             and len(calibrated.held_out) == len(held.labels):
@@ -283,7 +291,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         held = dataclasses.replace(held, probabilities=calibrated.held_out)
     metrics = {}
     if held is not None:
-        metrics = dict(classification_metrics(held.labels, held.probabilities, data.classes), split=held.split,
+        metrics = dict(metrics_for(held.labels, held.probabilities, data.classes, thresholds), split=held.split,
                        **result.metrics)
         if calibrated is not None:
             metrics["temperature"] = calibrated.temperature
@@ -296,7 +304,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     art = artifact_io.Artifact(model=job.model, arch=job.arch, classes=data.classes, preprocess=data.preprocess,
                                config=cfg.to_dict(), tta=result.tta,
                                temperature=calibrated.temperature if calibrated else 1.0,
-                               abstain=calibrated.abstain if calibrated else None)
+                               abstain=calibrated.abstain if calibrated else None, thresholds=thresholds)
     # the recipe's own figures too where nothing was held out (the few-shot recipe's leave-one-out accuracy)
     art.metrics = {k: v for k, v in {**result.metrics, **metrics}.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}
@@ -305,8 +313,9 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     report = None
     if metrics:
         write_evaluation(metrics, data.classes, run_dir / "evaluation")
-        labels_note = label_issues_note(held, metrics["accuracy"], cfg.data.path)
-        job.reporter.info(labels_note)
+        labels_note = "" if data.multilabel else label_issues_note(held, metrics["accuracy"], cfg.data.path)
+        if labels_note:
+            job.reporter.info(labels_note)
         report = write_report(run_dir, art, metrics, held.probabilities, held.labels, held.paths,
                               history=result.history, counts=data.counts(),
                               run_info=_run_info(job, result, run_dir, started, labels_note),
@@ -395,8 +404,8 @@ def _names(classes: list[str], shown: int = 10) -> str:
 
 
 def _report_setup(data: PreparedData, model, arch: dict, recipe, device, dist, reporter: Reporter) -> None:
-    counts = data.counts()
-    totals = {s: sum(c[s] for c in counts.values()) for s in ("train", "val", "test")}
+    # images, not labels: a multi-label image counts once however many classes it has
+    totals = {s: len(split) if (split := getattr(data, s)) is not None else 0 for s in ("train", "val", "test")}
     reporter.info(f"data: {len(data.classes)} classes, train {totals['train']}, val {totals['val']}, "
                   f"test {totals['test']} images ({data.scanned.layout}); size {data.preprocess.size}px, "
                   f"mean {[round(m, 3) for m in data.preprocess.mean]} "

@@ -108,6 +108,7 @@ class Recipe:
     default_budget_minutes: float | None = None  # the time budget without --budget (None: none)
     adversarial = False  # whether `--adversarial` can train with it (its steps must see whole images)
     no_checkpoint_choice = ""  # why the recipe picks no best checkpoint on validation (empty: it does)
+    multilabel = False  # whether it trains multi-label data (sigmoid outputs, binary cross-entropy)
 
     def model_name(self, cfg: RunConfig) -> str:
         """The network to train when the user named this recipe: `cfg.model.name`, with "auto"
@@ -166,9 +167,11 @@ def choose_recipe(cfg: RunConfig, dist=None):
     the images decide (`recipe_for_data`); with a model named and no recipe, the model's family
     picks it; "auto" as model is the recipe's own network (DEFAULT_MODEL for transfer). The
     resolved names go into config.yaml, so `--config` reruns the same recipe."""
+    from ...data.scan import is_multilabel_dataset
     from ...models.registry import family_for
+    multilabel = is_multilabel_dataset(cfg.data.path)
     if cfg.train.recipe in ("auto", "standard") and cfg.model.name == "auto":
-        cfg = recipe_for_data(cfg, dist)
+        cfg = recipe_for_multilabel(cfg) if multilabel else recipe_for_data(cfg, dist)
     if cfg.train.recipe in ("auto", "standard"):  # "standard": the name configs of pixclass 0.1 used
         name = cfg.model.name
         family = family_for(name, cfg.model)
@@ -179,11 +182,33 @@ def choose_recipe(cfg: RunConfig, dist=None):
         family = family_for(name, cfg.model)
     cfg = cfg.replace("model", name=family.canonical(name)).replace("train", recipe=recipe.name)
     recipe.check(cfg, family)
+    if multilabel:
+        check_multilabel(cfg, recipe)
     if cfg.train.adversarial and not recipe.adversarial:
         raise UserError(f"--adversarial attacks whole images at every step, which the {recipe.name} recipe does not "
                         f"train on: use the scratch recipe (--model classic-cnn, or a timm architecture with "
                         f"--recipe scratch)")
     return cfg, family, recipe
+
+
+MULTILABEL_MODEL = "classic-cnn"
+
+
+def recipe_for_multilabel(cfg: RunConfig) -> RunConfig:
+    """A multi-label dataset trains from scratch (the one recipe with sigmoid outputs) on the
+    classic CNN, unless a model is named."""
+    return cfg.replace("model", name=MULTILABEL_MODEL).replace(
+        "train", recipe="scratch", recipe_reason=f"multi-label data (several tags per image): sigmoid outputs, "
+                                                  f"scratch recipe on {MULTILABEL_MODEL}")
+
+
+def check_multilabel(cfg: RunConfig, recipe: Recipe) -> None:
+    """A UserError for what multi-label data cannot train with."""
+    if not recipe.multilabel:
+        raise UserError(f"{cfg.data.path} is multi-label (several tags per image), which the {recipe.name} recipe "
+                        f"does not train: use --recipe scratch (e.g. --model {MULTILABEL_MODEL})")
+    if cfg.train.adversarial:
+        raise UserError("--adversarial attacks single-label answers; it is not available for multi-label data")
 
 
 def recipe_for_data(cfg: RunConfig, dist=None) -> RunConfig:

@@ -14,7 +14,7 @@ def held_out_on_images(model, data, splits: dict | None = None, batch_size: int 
     name, split = held_out_split(splits or {"val": data.val, "test": data.test})
     if split is None:
         return None
-    backend = TorchBackend(model, data.classes, data.preprocess, tta)
+    backend = TorchBackend(model, data.classes, data.preprocess, tta, multilabel=data.multilabel)
     probs, labels, _ = predict_batches(backend, split.batches(batch_size))
     return HeldOut(name, probs, labels, list(getattr(split, "paths", [])))
 

@@ -22,6 +22,7 @@ class ScratchRecipe(Recipe):
     description = "from scratch on images"
     resumable = True
     adversarial = True
+    multilabel = True
 
     def fit(self, job: Job) -> FitResult:
         cfg = job.cfg

@@ -1,0 +1,155 @@
+"""Multi-label classification end to end on pairs of CIFAR-10 images (conftest.cifar_multilabel):
+training with sigmoid outputs and thresholds tuned on validation, evaluate, the report, predict on
+the saved model and its ONNX export, the service; and the metrics against scikit-learn's."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MULTILABEL_CLASSES, needs_cifar, run_cli, start_server
+from pixclass.metrics import average_precision, multilabel_metrics, tune_thresholds
+
+
+def test_average_precision_is_scikit_learns():
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(50) < 0.3
+        scores = np.round(rng.random(50), 1)  # ties included
+        assert average_precision(y, scores) == pytest.approx(average_precision_score(y, scores))
+
+
+def test_thresholds_maximize_each_labels_f1():
+    rng = np.random.default_rng(1)
+    labels = (rng.random((200, 3)) < 0.4).astype(np.float32)
+    probs = np.clip(labels * 0.35 + rng.random((200, 3)) * 0.65, 0, 1).astype(np.float32)
+    probs[:, 2] = 0.3  # one label the model cannot tell: every image or none
+    labels[:, 1] = 0  # one label with no positive image keeps the default
+    thresholds = tune_thresholds(labels, probs)
+    assert thresholds[1] == 0.5
+    tuned = multilabel_metrics(labels, probs, list("abc"), thresholds)["per_class"]
+    for t in np.linspace(0, 1, 41):  # no other threshold does better on these images
+        other = multilabel_metrics(labels, probs, list("abc"), [t] * 3)["per_class"]
+        for j in (0, 2):
+            assert tuned[j]["f1"] >= other[j]["f1"] - 1e-9
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(cifar_multilabel, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ml-run") / "run"
+    r = run_cli("train", str(cifar_multilabel), "--out", str(out), "--image-size", "32", "--epochs", "8")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout + r.stderr
+
+
+@needs_cifar
+def test_trains_with_sigmoid_outputs_and_tuned_thresholds(multilabel_run, cifar_multilabel):
+    out, log = multilabel_run
+    assert "multi-label data" in log and "no temperature scaling" in log
+    meta = json.loads((out / "model" / "pixclass.json").read_text())
+    assert meta["task"] == "multilabel" and meta["classes"] == sorted(MULTILABEL_CLASSES)
+    assert len(meta["thresholds"]) == 4 and meta["abstain"] is None and meta["temperature"] == 1.0
+    m = meta["metrics"]
+    # a quarter of the pairs have one label, the others two: answering every label scores a
+    # macro-F1 near 0.6 and a mAP near 0.45 (each label's share); the tiny run must beat both
+    assert m["mAP"] > 0.6 and m["macro_f1"] > 0.62, m
+    per_label = json.loads((out / "evaluation" / "metrics.json").read_text())["per_class"]
+    assert [r["threshold"] for r in per_label] == pytest.approx(meta["thresholds"])
+    rows = list(csv.DictReader(open(out / "evaluation" / "per_class.csv")))
+    assert {"average_precision", "threshold"} <= set(rows[0])
+    assert not (out / "evaluation" / "confusion_matrix.json").exists()
+    page = (out / "report.html").read_text()
+    assert "Per-label precision" in page and "mAP" in page and "Confusion matrix" not in page
+
+
+@needs_cifar
+def test_evaluate_gives_the_runs_figures(multilabel_run, cifar_multilabel, tmp_path):
+    out, _ = multilabel_run
+    r = run_cli("evaluate", str(out / "model"), str(cifar_multilabel), "--out", str(tmp_path / "ev"), "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    saved = json.loads((out / "model" / "pixclass.json").read_text())["metrics"]
+    assert got["evaluated_on"].startswith("the test split") and got["n"] == saved["n"]
+    assert got["mAP"] == pytest.approx(saved["mAP"], abs=1e-6)
+    assert got["macro_f1"] == pytest.approx(saved["macro_f1"], abs=1e-6)
+
+
+def _labels_above_thresholds(record, thresholds, classes) -> list[str]:
+    probs = {c["class"]: c["probability"] for c in record["top_k"]}
+    return sorted(c for c, t in zip(classes, thresholds) if probs[c] >= t)
+
+
+@needs_cifar
+def test_predict_and_the_onnx_export_answer_every_label_above_its_threshold(multilabel_run, cifar_multilabel,
+                                                                           tmp_path):
+    out, _ = multilabel_run
+    meta = json.loads((out / "model" / "pixclass.json").read_text())
+    r = run_cli("export", str(out / "model"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--json")
+    assert r.returncode == 0, r.stderr
+    verified = json.loads(r.stdout)
+    # the label sets above the thresholds agree, on the held-out pairs and on others
+    assert verified["passed"] and verified["agreement"] >= 0.99 and verified["n_held_out"] > 0
+    images = sorted((cifar_multilabel.parent / "images").iterdir())[:40]
+    answers = {}
+    for model in (out / "model", tmp_path / "m.onnx"):
+        r = run_cli("predict", str(model), *map(str, images), "--top-k", "4", "--json")
+        assert r.returncode == 0, r.stderr
+        records = json.loads(r.stdout)
+        for rec in records:
+            assert sorted(rec["labels"]) == _labels_above_thresholds(rec, meta["thresholds"], meta["classes"])
+            assert rec["answer"] == " ".join(rec["labels"])
+        answers[model.name] = [rec["labels"] for rec in records]
+        assert any(len(labels) == 2 for labels in answers[model.name])
+    assert answers["model"] == answers["m.onnx"]
+    r = run_cli("predict", str(tmp_path / "m.onnx"), *map(str, images[:5]), "--top-k", "4", "--out",
+                str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [row["answer"] for row in rows] == [" ".join(a) for a in answers["m.onnx"][:5]]
+
+
+@needs_cifar
+def test_the_service_answers_the_label_list(multilabel_run, cifar_multilabel):
+    import httpx
+    out, _ = multilabel_run
+    meta = json.loads((out / "model" / "pixclass.json").read_text())
+    image = sorted((cifar_multilabel.parent / "images").iterdir())[0]
+    proc, url = start_server(out / "model")
+    try:
+        r = httpx.post(f"{url}/v1/predict", params={"k": 4}, files=[("files", (image.name, image.read_bytes()))])
+        assert r.status_code == 200, r.text
+        [pred] = r.json()["predictions"]
+        assert sorted(pred["labels"]) == _labels_above_thresholds(pred, meta["thresholds"], meta["classes"])
+        info = httpx.get(f"{url}/v1/model").json()
+        assert info["task"] == "multilabel" and info["thresholds"] == meta["thresholds"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _csv(tmp_path: Path, text: str, images=("a.png", "b.png", "c.png")) -> Path:
+    from PIL import Image
+    for name in images:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text(text)
+    return tmp_path / "labels.csv"
+
+
+def test_a_bad_multilabel_csv_is_one_error_line(tmp_path):
+    csv_path = _csv(tmp_path, 'path,label,split\na.png,"x y",train\nb.png,x,val\nc.png,z,test\n')
+    r = run_cli("train", str(csv_path), "--model", "classic-cnn", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "tag(s) z have no training row" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_multilabel_data_with_another_recipe_is_one_error_line(tmp_path):
+    csv_path = _csv(tmp_path, 'path,label\na.png,"x y"\nb.png,x\nc.png,y\n')
+    r = run_cli("train", str(csv_path), "--recipe", "fast", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert "multi-label" in r.stderr and "--recipe scratch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
