@@ -11,10 +11,15 @@ out-of-distribution images. Reports
   validation images the share of test and of OOD images that come back unknown;
 - the same at the threshold stored in the artifact (its own method).
 
-With `--embedding` (pretrained backbones), also the cosine similarity of the backbone's pooled
-features to the nearest training image's.
+With `--own-features` (any model; `--embedding`, its earlier name, measured the same on the pretrained
+backbone's pooled features, which are a transfer model's penultimate features), the deep
+nearest-neighbour scores on the model's own penultimate features (pixclass.feature_bank, what the
+`knn_similarity` abstain method deploys): the cosine similarity to the nearest training image with
+the whole training split as the bank and with seeded subsets of `--bank-sizes` images (float16, as
+the artifact stores them), and to the nearest class prototype (mean feature of each class).
 
-usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--keep 0.95] [--embedding] [--json FILE]"""
+usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--keep 0.95]
+       [--own-features] [--bank-sizes 4096,1024,256] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from pixclass import artifact as artifact_io  # noqa: E402
 from pixclass.calibration import fit_temperature  # noqa: E402
 from pixclass.data.loaders import load_split  # noqa: E402
 from pixclass.data.scan import read_manifest, scan_class_folders  # noqa: E402
-from pixclass.inference import logits_of_batches  # noqa: E402
+from pixclass.feature_bank import bank_indices, bank_of, features_of_batches, nearest_similarity  # noqa: E402
 from pixclass.metrics import calibration  # noqa: E402
 from pixclass.progress import Reporter  # noqa: E402
 from pixclass.tta import combine_views  # noqa: E402
@@ -49,7 +54,8 @@ def split_files(run_dir: Path, art, split: str) -> tuple[list[Path], list[int]]:
 
 def logits_of(art, paths, labels):
     split, _ = load_split(paths, labels, art.preprocess, Reporter(quiet=True), max_memory_gb=8)
-    return logits_of_batches(art.model, art.preprocess, split.batches(128), art.tta)
+    logits, _, labels = features_of_batches(art.model, art.preprocess, split.batches(128), art.tta)
+    return logits, labels
 
 
 def scores(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
@@ -60,21 +66,40 @@ def scores(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
             "energy": (temperature * torch.logsumexp(logits / temperature, dim=2)).mean(0).numpy()}
 
 
-def embedding_scores(args, art, ood_paths) -> dict[str, np.ndarray]:
-    """A pretrained backbone's pooled features: each image's cosine similarity to its nearest
-    training image (deep nearest neighbours, Sun et al. 2022), for val, test and OOD images."""
-    cache = args.run_dir / f"bench_embeddings_{args.ood.name}_{len(ood_paths)}.pt"
+def own_feature_scores(args, art, ood_paths) -> dict[str, dict[str, np.ndarray]]:
+    """{score name: {"val"|"test"|"ood": per-image scores}} on the model's own penultimate features."""
+    cache = args.run_dir / f"bench_features_{args.ood.name}_{len(ood_paths)}.pt"
     if cache.is_file():
-        embedded = torch.load(cache, weights_only=False)
+        feats = torch.load(cache, weights_only=False)
     else:
-        def embed(paths, labels):
+        def features(paths, labels):
             split, _ = load_split(paths, labels, art.preprocess, Reporter(quiet=True), max_memory_gb=8)
-            features, _ = logits_of_batches(art.model.backbone, art.preprocess, split.batches(64))
-            return torch.nn.functional.normalize(features[0], dim=1)
-        embedded = {name: embed(*split_files(args.run_dir, art, name)) for name in ("train", "val", "test")}
-        embedded["ood"] = embed(ood_paths, [0] * len(ood_paths))
-        torch.save(embedded, cache)
-    return {name: (embedded[name] @ embedded["train"].T).max(1).values.numpy() for name in ("val", "test", "ood")}
+            _, f, y = features_of_batches(art.model, art.preprocess, split.batches(256), art.tta)
+            return f, y
+        feats = {name: features(*split_files(args.run_dir, art, name)) for name in ("train", "val", "test")}
+        feats["ood"] = features(ood_paths, [0] * len(ood_paths))
+        torch.save(feats, cache)
+    train, train_labels = feats["train"]
+    out = {}
+    for size in [len(train_labels)] + [int(s) for s in args.bank_sizes.split(",") if s]:
+        bank = bank_of(train[:, bank_indices(len(train_labels), size)]).float()
+        out[f"knn_own_features_bank{size}"] = {n: nearest_similarity(feats[n][0], bank).numpy()
+                                               for n in ("val", "test", "ood")}
+    labels = torch.as_tensor(train_labels)
+    protos = torch.nn.functional.normalize(torch.stack([train[0][labels == c].mean(0) for c in labels.unique()]), dim=1)
+    out["prototype_own_features"] = {n: nearest_similarity(feats[n][0], protos).numpy() for n in ("val", "test", "ood")}
+    if art.feature_bank is not None:  # the bank the run stored (its threshold: `stored` below)
+        out["knn_stored_bank"] = {n: nearest_similarity(feats[n][0], art.feature_bank.float()).numpy()
+                                  for n in ("val", "test", "ood")}
+    return out
+
+
+def rate(val: np.ndarray, test: np.ndarray, ood: np.ndarray, keep: float) -> dict:
+    """AUROC of test vs OOD, and at the threshold keeping `keep` of `val` the share of each below it."""
+    threshold = float(np.quantile(val, 1 - keep))
+    truth = np.r_[np.ones(len(test)), np.zeros(len(ood))]
+    return {"auroc": float(roc_auc_score(truth, np.r_[test, ood])), "threshold": threshold,
+            "test_unknown": float((test < threshold).mean()), "ood_unknown": float((ood < threshold).mean())}
 
 
 def main() -> None:
@@ -84,7 +109,9 @@ def main() -> None:
     parser.add_argument("--ood-limit", type=int, default=2000)
     parser.add_argument("--keep", type=float, default=0.95)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--embedding", action="store_true", help="also kNN on a pretrained backbone's features")
+    parser.add_argument("--own-features", "--embedding", action="store_true",
+                        help="also kNN on the model's own penultimate features")
+    parser.add_argument("--bank-sizes", default="4096,1024,256")
     args = parser.parse_args()
     torch.manual_seed(0)
     art = artifact_io.load(args.run_dir / "model")
@@ -111,22 +138,17 @@ def main() -> None:
     val_s, test_s, ood_s = scores(val_logits, t), scores(test_logits, t), scores(ood_logits, t)
     result["scores"] = {}
     for name in val_s:
-        threshold = float(np.quantile(val_s[name], 1 - args.keep))
-        truth = np.r_[np.ones(len(test_s[name])), np.zeros(len(ood_s[name]))]
-        result["scores"][name] = {
-            "auroc": float(roc_auc_score(truth, np.r_[test_s[name], ood_s[name]])),
-            "threshold": threshold, "test_unknown": float((test_s[name] < threshold).mean()),
-            "ood_unknown": float((ood_s[name] < threshold).mean())}
-    if args.embedding:
-        knn = embedding_scores(args, art, ood_paths)
-        truth = np.r_[np.ones(len(knn["test"])), np.zeros(len(knn["ood"]))]
-        threshold = float(np.quantile(knn["val"], 1 - args.keep))
-        result["scores"]["embedding_knn"] = {
-            "auroc": float(roc_auc_score(truth, np.r_[knn["test"], knn["ood"]])), "threshold": threshold,
-            "test_unknown": float((knn["test"] < threshold).mean()), "ood_unknown": float((knn["ood"] < threshold).mean())}
+        result["scores"][name] = rate(val_s[name], test_s[name], ood_s[name], args.keep)
+    own = own_feature_scores(args, art, ood_paths) if args.own_features or art.feature_bank is not None else {}
+    for name, s in own.items():
+        result["scores"][name] = rate(s["val"], s["test"], s["ood"], args.keep)
     stored = getattr(art, "abstain", None)
     if stored is not None:
-        s_test, s_ood = scores(test_logits, art.temperature)[stored.method], scores(ood_logits, art.temperature)[stored.method]
+        if stored.method == "knn_similarity":
+            s_test, s_ood = own["knn_stored_bank"]["test"], own["knn_stored_bank"]["ood"]
+        else:
+            s_test, s_ood = (scores(test_logits, art.temperature)[stored.method],
+                             scores(ood_logits, art.temperature)[stored.method])
         result["stored"] = {"method": stored.method, "threshold": stored.threshold,
                             "test_unknown": float((s_test < stored.threshold).mean()),
                             "ood_unknown": float((s_ood < stored.threshold).mean())}

@@ -90,12 +90,13 @@ class ImageClassifier:
         self.model, self.arch, self.history, self.metrics, self.run_dir = None, None, [], {}, None
         self.tta = "none"  # the test-time augmentation of a loaded or trained model (tta.py)
         self.temperature, self.abstain = 1.0, None  # its calibration and abstain threshold (calibration.py, abstain.py)
+        self.feature_bank = None  # the training features a knn_similarity threshold compares with (feature_bank.py)
 
     @classmethod
     def from_artifact(cls, art: artifact_io.Artifact) -> "ImageClassifier":
         clf = cls(art.arch["name"], art.classes, preprocess=art.preprocess)
         clf.model, clf.arch, clf.metrics, clf.tta = art.model, art.arch, art.metrics, art.tta
-        clf.temperature, clf.abstain = art.temperature, art.abstain
+        clf.temperature, clf.abstain, clf.feature_bank = art.temperature, art.abstain, art.feature_bank
         return clf
 
     def _build(self) -> None:
@@ -120,6 +121,7 @@ class ImageClassifier:
         self.model, self.arch, self.classes, self.preprocess = art.model, art.arch, art.classes, art.preprocess
         self.model_name, self.metrics, self.run_dir = art.arch["name"], art.metrics, Path(summary["run_dir"])
         self.tta, self.temperature, self.abstain = art.tta, art.temperature, art.abstain
+        self.feature_bank = art.feature_bank
         self.history = summary["history"]
         return self.history
 
@@ -127,7 +129,7 @@ class ImageClassifier:
         self._build()
         return artifact_io.Artifact(self.model, self.arch, self.classes, self.preprocess,
                                     metrics=self.metrics, tta=self.tta, temperature=self.temperature,
-                                    abstain=self.abstain)
+                                    abstain=self.abstain, feature_bank=self.feature_bank)
 
     def evaluate(self, data) -> dict:
         """Metrics on an ImageFolder's held-out split (test, else val), on a labelled folder, or on

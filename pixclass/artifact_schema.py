@@ -82,6 +82,14 @@ class AbstainSpec(_Strict):
     method: Literal[ABSTAIN_METHODS]
     threshold: FiniteFloat
     keep: Annotated[FiniteFloat, Field(gt=0, le=1)]
+    # knn_similarity's threshold for readers of the probabilities alone (absent: they never abstain)
+    fallback: "AbstainSpec | None" = None
+
+    @model_validator(mode="after")
+    def _fallback_reads_probabilities(self):
+        if self.fallback is not None and self.fallback.method != "max_probability":
+            raise ValueError("a fallback threshold is a max_probability one")
+        return self
 
 
 class ArtifactSpec(_Strict):

@@ -14,7 +14,7 @@ from .data.loaders import load_split
 from .data.label_csv import is_label_csv, is_multilabel, read_label_csv
 from .data.scan import dataset_location, ignored_files_note, read_manifest, scan_class_folders
 from .errors import DatasetError
-from .inference import Backend, TorchBackend, predict_batches
+from .inference import Backend, TorchBackend, score_batches
 from .metrics import absent_classes_note, metrics_for
 from .progress import Reporter
 
@@ -110,11 +110,17 @@ def _multi_hot(pairs, classes: list[str], root) -> tuple[list, list]:
 def evaluate_split(art: Artifact, split, batch_size: int = 256, backend: Backend | None = None) -> tuple[dict, object]:
     """Metrics for an in-memory split; also returns the probabilities (N x K, split order). The
     artifact's PyTorch model answers unless `backend` is given (e.g. an exported file's)."""
+    metrics, probs, _ = _evaluate_scores(art, split, batch_size, backend)
+    return metrics, probs
+
+
+def _evaluate_scores(art: Artifact, split, batch_size: int = 256, backend: Backend | None = None):
+    """(metrics, probabilities N x K, feature similarities N or None)."""
     backend = backend or TorchBackend.from_artifact(art)
-    probs, labels, _ = predict_batches(backend, split.batches(batch_size))
+    probs, similarity, labels, _ = score_batches(backend, split.batches(batch_size))
     if len(labels) == 0:
         raise DatasetError("no readable images to evaluate")
-    return metrics_for(labels, probs, art.classes, art.thresholds), probs
+    return metrics_for(labels, probs, art.classes, art.thresholds), probs, similarity
 
 
 def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | None = None, abstain: bool = True):
@@ -127,9 +133,9 @@ def evaluate_folder(art: Artifact, root, model_dir=None, reporter: Reporter | No
     split, failures = load_split(paths, labels, art.preprocess, reporter, what="decoding")
     for p, reason in failures:
         reporter.warn(f"skipped unreadable file {p}: {reason}")
-    metrics, probs = evaluate_split(art, split)
+    metrics, probs, similarity = _evaluate_scores(art, split)
     if abstain and art.abstain is not None:
-        metrics.update(abstention_metrics(split.labels.numpy(), probs, art.abstain))
+        metrics.update(abstention_metrics(split.labels.numpy(), probs, art.abstain, similarity))
     metrics["skipped_files"] = [str(p) for p, _ in failures]
     metrics["evaluated_on"] = what
     note = absent_classes_note(metrics, what)

@@ -28,7 +28,7 @@ from .data.scan import dataset_files
 from .data.transforms import Preprocess, batch_to_input, image_to_uint8
 from .errors import ImageDecodeError, UserError, first_line
 from .fastest_backend import export_onnx
-from .inference import Backend, LiteRTBackend, OnnxBackend, Probabilities, TorchBackend, litert_sidecar
+from .inference import Backend, LiteRTBackend, OnnxBackend, TorchBackend, litert_sidecar
 from .runs import check_output_location
 
 THRESHOLDS = {"fp32": 0.99, "int8": 0.97}
@@ -199,19 +199,25 @@ class Verification:
     threshold: float
     passed: bool
     n_held_out: int = 0  # of those, the held-out ones that accuracy is scored on
+    # the feature similarity (abstain knn_similarity) of an export that answers it, against PyTorch's
+    max_similarity_diff: float | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         return [("format", self.format), ("file", self.path), ("images", f"{self.n} ({self.n_held_out} held out)"),
                 ("top-1 agreement", f"{self.agreement:.4f} (needs >= {self.threshold})"),
                 ("max |probability difference|", f"{self.max_prob_diff:.2e}"),
+                *([("max |similarity difference|", f"{self.max_similarity_diff:.2e}")]
+                  if self.max_similarity_diff is not None else []),
                 ("held-out accuracy original / export", f"{self.accuracy_original:.4f} / {self.accuracy_export:.4f}"),
                 ("file size", f"{self.size_mb:.2f} MB"),
                 ("batch-1 latency original / export", f"{self.latency_original_ms:.2f} / {self.latency_ms:.2f} ms"),
                 ("verdict", "PASS" if self.passed else "FAIL")]
 
 
-def _probabilities_in_chunks(backend: Backend, inputs: np.ndarray, chunk: int = 64) -> np.ndarray:
-    return np.concatenate([backend.probabilities(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
+def _scores_in_chunks(backend: Backend, inputs: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    parts = [backend.scores(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)]
+    similarity = None if any(s is None for _, s in parts) else np.concatenate([s for _, s in parts])
+    return np.concatenate([p for p, _ in parts]), similarity
 
 
 def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: np.ndarray, labels: np.ndarray,
@@ -220,17 +226,19 @@ def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: 
     standardized inputs N x C x H x W: top-1 agreement and probabilities on all of them, accuracy
     on the first len(labels) (the held-out ones), latency. For a multi-label model the answer
     compared is the set of labels above their thresholds (agreement and accuracy: the same set)."""
-    ref = _probabilities_in_chunks(reference, inputs)
-    got = _probabilities_in_chunks(exported, inputs)
+    ref, ref_similarity = _scores_in_chunks(reference, inputs)
+    got, got_similarity = _scores_in_chunks(exported, inputs)
     answers = partial(_answers, thresholds=reference.thresholds)
     agreement = _share_equal(answers(ref), answers(got))
     held = len(labels)
     truth = labels > 0.5 if reference.multilabel else labels
+    similarity_diff = (float(np.abs(ref_similarity - got_similarity).max())
+                       if ref_similarity is not None and got_similarity is not None else None)
     return Verification(fmt, str(path), agreement, float(np.abs(ref - got).max()),
                         _share_equal(answers(ref[:held]), truth), _share_equal(answers(got[:held]), truth),
                         Path(path).stat().st_size / 2**20, _latency_ms(exported.probabilities, inputs[:1]),
                         _latency_ms(reference.probabilities, inputs[:1]), len(inputs), threshold,
-                        agreement >= threshold, held)
+                        agreement >= threshold, held, similarity_diff)
 
 
 def _answers(probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
@@ -281,7 +289,8 @@ def build_webapp(art, folder: Path) -> Path:
     for name in ("index.html", "app.js", "manifest.webmanifest", "sw.js"):
         (folder / name).write_text((templates / name).read_text())
     export_onnx(art, folder / "model.onnx")
-    # the abstain threshold is applied by app.js to the model's (calibrated) probabilities
+    # the abstain threshold is applied by app.js to the graph's outputs (the calibrated
+    # probabilities, or the feature similarity of its second output)
     (folder / "meta.json").write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                                   "temperature": art.temperature,
                                                   "abstain": art.abstain.to_dict() if art.abstain else None,

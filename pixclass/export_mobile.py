@@ -63,10 +63,11 @@ def export_tflite(art, path: Path, calibration: np.ndarray | None = None) -> Pat
             with _quiet("TFLite int8 quantization"):
                 _quantize_int8(float_path, path, calibration)
     # "tta" and "temperature" say what the graph already does (Probabilities): nothing reads them to
-    # apply them again; "abstain" is applied to the graph's probabilities
+    # apply them again; "abstain" is applied to the graph's probabilities (the graph has no feature
+    # similarity: a knn_similarity threshold's max_probability fallback)
     litert_sidecar(path).write_text(json.dumps({"classes": art.classes, "preprocess": art.preprocess.to_dict(),
                                                 "tta": art.tta, "temperature": art.temperature,
-                                                "abstain": art.abstain.to_dict() if art.abstain else None,
+                                                "abstain": json.loads(answer_metadata(art, similarity=False)["abstain"]),
                                                 "task": art.task, "thresholds": art.thresholds,
                                                 "input": "NHWC float32, standardized (int8 models: quantized with "
                                                          "the input's scale and zero point)"}, indent=1))
@@ -119,7 +120,7 @@ def export_coreml(art, path: Path) -> Path:
     mlmodel.short_description = f"pixclass {art.arch['name']}: {len(art.classes)} classes"
     mlmodel.user_defined_metadata.update({"pixclass_classes": json.dumps(art.classes),
                                           "pixclass_preprocess": json.dumps(pre.to_dict()),
-                                          **answer_metadata(art, "pixclass_")})
+                                          **answer_metadata(art, "pixclass_", similarity=False)})
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(path))
     return path

@@ -20,7 +20,7 @@ import torch
 from . import artifact as artifact_io
 from .cache import cache_root, digest
 from .errors import UserError, first_line
-from .inference import MODEL_SUFFIXES, Backend, OnnxBackend, Probabilities, TorchBackend, open_backend
+from .inference import MODEL_SUFFIXES, Backend, OnnxBackend, TorchBackend, network_of, open_backend
 from .progress import warn
 
 OPSET = 17
@@ -32,18 +32,22 @@ AGREEMENT_TOLERANCE = 1e-3
 
 def onnx_metadata(art) -> dict[str, str]:
     # pixclass_tta and pixclass_temperature say what the graph already does (Probabilities): nothing
-    # reads them to apply them again; pixclass_abstain is applied to the graph's probabilities
+    # reads them to apply them again; pixclass_abstain is applied to the graph's outputs (its
+    # probabilities, or the feature similarity its second output gives)
     return {"pixclass_classes": json.dumps(art.classes), "pixclass_preprocess": json.dumps(art.preprocess.to_dict()),
             "pixclass_arch": json.dumps(art.arch), **answer_metadata(art, "pixclass_")}
 
 
-def answer_metadata(art, prefix: str = "") -> dict[str, str]:
+def answer_metadata(art, prefix: str = "", similarity: bool = True) -> dict[str, str]:
     """What every export says of how its probabilities are made and read, as text values: the
     test-time augmentation and calibration temperature its graph applies, the abstain threshold
     (JSON; "null": never unknown) its reader applies, the task ("multilabel": the graph ends in a
-    sigmoid per class) and a multi-label model's per-class thresholds (JSON; "null" otherwise)."""
+    sigmoid per class) and a multi-label model's per-class thresholds (JSON; "null" otherwise).
+    `similarity=False`: a graph with the probabilities alone (TFLite, Core ML), whose abstain
+    threshold is the max_probability fallback."""
+    abstain = art.abstain if similarity or art.abstain is None else art.abstain.for_probabilities()
     return {f"{prefix}tta": art.tta, f"{prefix}temperature": repr(float(art.temperature)),
-            f"{prefix}abstain": json.dumps(art.abstain.to_dict() if art.abstain else None),
+            f"{prefix}abstain": json.dumps(abstain.to_dict() if abstain else None),
             f"{prefix}task": art.task, f"{prefix}thresholds": json.dumps(art.thresholds)}
 
 
@@ -54,11 +58,12 @@ def export_onnx(art, path: Path) -> Path:
     pre = art.preprocess
     # the wrapper in eval mode too: the exporter restores the mode it found, and a wrapper left in
     # training mode would put the artifact's model back into it (BatchNorm then updates its statistics)
-    model = Probabilities.of(art)
+    # with a feature bank, a second output "similarity" (feature_bank.Scores) for knn_similarity
+    model = network_of(art.model, art.tta, art.temperature, art.feature_bank, art.multilabel)
+    outputs = ["probabilities"] + (["similarity"] if art.feature_bank is not None else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, torch.zeros(1, pre.channels, pre.size, pre.size), str(path), input_names=["input"],
-                      output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                      output_names=outputs, dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
                       opset_version=OPSET, dynamo=False)
     proto = onnx.load(str(path))
     for key, value in onnx_metadata(art).items():
@@ -85,10 +90,12 @@ def check_inputs(backend: Backend, count: int = 8, seed: int = 0) -> torch.Tenso
 
 
 def agreement(reference: Backend, candidate: Backend, inputs: torch.Tensor) -> float:
-    """The largest difference in any probability between the two backends on `inputs`."""
-    a = reference.probabilities_uint8(inputs)
-    b = candidate.probabilities_uint8(inputs)
-    return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+    """The largest difference in any probability (or feature similarity) between the two backends
+    on `inputs`."""
+    (a, sim_a), (b, sim_b) = reference.scores_uint8(inputs), candidate.scores_uint8(inputs)
+    if a.shape != b.shape or (sim_a is None) != (sim_b is None):
+        return float("inf")
+    return float(max(np.abs(a - b).max(), np.abs(sim_a - sim_b).max() if sim_a is not None else 0.0))
 
 
 def _cached_export(art, model_dir: Path) -> Path:

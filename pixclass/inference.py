@@ -2,7 +2,9 @@
 
 A `Backend` holds a model with its class names and preprocessing and answers `probabilities(x)`
 for a standardized float batch N x C x H x W, or `probabilities_uint8(batch)` for uint8 images
-(preprocessed here, in the memory layout the backend runs fastest on). Three backends:
+(preprocessed here, in the memory layout the backend runs fastest on). `scores(x)` and
+`scores_uint8(batch)` also answer the feature similarity the knn_similarity abstain method reads
+(feature_bank.py), or None where the model or the file has no feature bank. Three backends:
 - `TorchBackend`: a PyTorch model (a saved artifact, or a model in memory);
 - `OnnxBackend`: an exported .onnx file, run by ONNX Runtime;
 - `LiteRTBackend`: an exported .tflite file, run by the LiteRT interpreter.
@@ -27,8 +29,8 @@ from .abstain import Abstain
 from .data.transforms import Preprocess, batch_to_input
 from .errors import UserError, first_line
 from .tta import activation
+from .feature_bank import Scores
 from .tta import probabilities as tta_probabilities
-from .tta import view_logits
 
 
 def softmax_probabilities(logits: torch.Tensor, multilabel: bool = False) -> np.ndarray:
@@ -83,13 +85,22 @@ class Backend:
     def multilabel(self) -> bool:
         return self.thresholds is not None
 
+    def scores(self, x) -> tuple[np.ndarray, np.ndarray | None]:
+        """Standardized float N x C x H x W (numpy array or torch tensor) -> (float32 probabilities
+        N x K, float32 feature similarities N or None)."""
+        raise NotImplementedError
+
     def probabilities(self, x) -> np.ndarray:
         """Standardized float N x C x H x W (numpy array or torch tensor) -> float32 N x K."""
-        raise NotImplementedError
+        return self.scores(x)[0]
+
+    def scores_uint8(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 N x C x H x W (as data.transforms.image_to_uint8 makes them) -> as `scores`."""
+        return self.scores(batch_to_input(batch, self.preprocess, memory_format=self.memory_format))
 
     def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 N x C x H x W (as data.transforms.image_to_uint8 makes them) -> float32 N x K."""
-        return self.probabilities(batch_to_input(batch, self.preprocess, memory_format=self.memory_format))
+        return self.scores_uint8(batch)[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, {len(self.classes)} classes)"
@@ -105,23 +116,35 @@ class TorchBackend(Backend):
 
     def __init__(self, model: nn.Module, classes: list[str], preprocess: Preprocess, tta: str = "none",
                  temperature: float = 1.0, abstain: Abstain | None = None, thresholds: list[float] | None = None,
-                 multilabel: bool | None = None):
+                 multilabel: bool | None = None, feature_bank: torch.Tensor | None = None):
         """`multilabel`: sigmoid outputs; by default, whether `thresholds` are given (a model in
         training has its sigmoid outputs before its thresholds are tuned)."""
         super().__init__(classes, preprocess, abstain, thresholds)
         self.model = model.eval().to(memory_format=torch.channels_last)
-        self.network = Probabilities(self.model, tta, temperature,
-                                     thresholds is not None if multilabel is None else multilabel)
+        self.network = network_of(self.model, tta, temperature, feature_bank,
+                                  thresholds is not None if multilabel is None else multilabel)
 
     @classmethod
     def from_artifact(cls, art) -> "TorchBackend":
         return cls(art.model, art.classes, art.preprocess, art.tta, art.temperature, art.abstain, art.thresholds,
-                   art.multilabel)
+                   art.multilabel, art.feature_bank)
 
-    def probabilities(self, x) -> np.ndarray:
+    def scores(self, x) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
         with torch.inference_mode():
-            return self.network(x).cpu().numpy()
+            out = self.network(x)
+        if isinstance(out, tuple):
+            return out[0].cpu().numpy(), out[1].cpu().numpy()
+        return out.cpu().numpy(), None
+
+
+def network_of(model: nn.Module, tta: str = "none", temperature: float = 1.0,
+               feature_bank: torch.Tensor | None = None, multilabel: bool = False) -> nn.Module:
+    """What a backend runs and an export writes: Probabilities, or with a feature bank Scores
+    (probabilities and feature similarity), in eval mode."""
+    if feature_bank is None:
+        return Probabilities(model.eval(), tta, temperature, multilabel).eval()
+    return Scores(model.eval(), feature_bank, tta, temperature, multilabel).eval()
 
 
 class OnnxBackend(Backend):
@@ -152,8 +175,9 @@ class OnnxBackend(Backend):
                          _thresholds_of(meta.get("pixclass_thresholds"), path))
         self.input_name = self.session.get_inputs()[0].name
 
-    def probabilities(self, x) -> np.ndarray:
-        return self.session.run(None, {self.input_name: _as_float32_array(x)})[0]
+    def scores(self, x) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.session.run(None, {self.input_name: _as_float32_array(x)})
+        return out[0], (out[1] if len(out) > 1 else None)
 
 
 def litert_sidecar(path) -> Path:
@@ -182,8 +206,8 @@ class LiteRTBackend(Backend):
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
-    def probabilities(self, x) -> np.ndarray:
-        return np.concatenate([self._one(image[None]) for image in _as_float32_array(x)])
+    def scores(self, x) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.concatenate([self._one(image[None]) for image in _as_float32_array(x)]), None
 
     def _one(self, x: np.ndarray) -> np.ndarray:
         x = x.transpose(0, 2, 3, 1)
@@ -249,28 +273,21 @@ def open_backend(path) -> Backend:
 def predict_batches(backend: Backend, batches):
     """batches yields (uint8 images, labels, indices). Returns (probs N x K, labels N (multi-label:
     N x K), indices N)."""
-    probs, labels, indices = [], [], []
+    probs, _, labels, indices = score_batches(backend, batches)
+    return probs, labels, indices
+
+
+def score_batches(backend: Backend, batches):
+    """As predict_batches, with the feature similarities N (None: the backend has none) after the
+    probabilities."""
+    probs, sims, labels, indices = [], [], [], []
     for images, y, idx in batches:
-        probs.append(backend.probabilities_uint8(images))
+        p, s = backend.scores_uint8(images)
+        probs.append(p)
+        sims.append(s)
         labels.append(y)
         indices.append(idx)
     if not probs:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(probs), torch.cat(labels).numpy(), torch.cat(indices).numpy()
-
-
-@torch.inference_mode()
-def logits_of_batches(model: nn.Module, preprocess: Preprocess, batches, tta: str = "none"):
-    """The network's logits on each test-time view (tta.view_logits) of the images `batches`
-    yields as (uint8 images, labels, indices): (V x N x K float32 tensor, labels N). What
-    calibration and the abstain threshold are fitted on."""
-    model = model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for images, y, _ in batches:
-        logits.append(view_logits(model, batch_to_input(images.to(device), preprocess), tta).float().cpu())
-        labels.append(y)
-    if not logits:
-        return torch.zeros(1, 0, 0), np.zeros(0, np.int64)
-    return torch.cat(logits, dim=1), torch.cat(labels).numpy()
-
+        return np.zeros((0, 0), np.float32), None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    similarity = np.concatenate(sims) if all(s is not None for s in sims) else None
+    return np.concatenate(probs), similarity, torch.cat(labels).numpy(), torch.cat(indices).numpy()

@@ -12,7 +12,7 @@ import torch
 from .data.decode import decode_image, to_mode
 from .data.loaders import DecodeAhead
 from .data.transforms import image_to_uint8
-from .abstain import UNKNOWN, Abstain, in_distribution_score
+from .abstain import UNKNOWN, Abstain
 from .inference import Backend, TorchBackend, open_backend
 
 
@@ -22,24 +22,32 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
 
 
 def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | None,
-           thresholds: list[float] | None = None) -> dict:
-    """One image's probabilities -> {"answer": the top class, or "unknown" below the abstain
-    threshold; "unknown": whether it is (a class may be named "unknown"); "score": the abstain
-    score (None without a threshold); "top_k": the k likeliest classes}. A multi-label model's
-    (`thresholds` given): "labels", every class whose probability reaches its threshold (likeliest
-    first), and "answer" those labels joined by spaces (empty for none)."""
+           thresholds: list[float] | None = None, similarity: float | None = None) -> dict:
+    """One image's probabilities (and feature similarity, None where the backend has none) ->
+    {"answer": the top class, or "unknown" below the abstain threshold; "unknown": whether it is
+    (a class may be named "unknown"); "score": the abstain score (None without a threshold);
+    "top_k": the k likeliest classes}. A multi-label model's (`thresholds` given): "labels", every
+    class whose probability reaches its threshold (likeliest first), and "answer" those labels
+    joined by spaces (empty for none)."""
     if thresholds is not None:
         order = np.argsort(-probs)
         labels = [classes[i] for i in order if probs[i] >= thresholds[i]]
         return {"answer": " ".join(labels), "labels": labels, "unknown": False, "score": None,
                 "top_k": top_k(probs, classes, k)}
     best = classes[int(np.argmax(probs))]
+    if abstain is not None and similarity is None:
+        abstain = abstain.for_probabilities()  # a knn_similarity threshold without the similarity
     if abstain is None:
         return {"answer": best, "unknown": False, "score": None, "top_k": top_k(probs, classes, k)}
-    score = float(in_distribution_score(probs[None], abstain.method)[0])
+    score = float(abstain.scores(probs[None], None if similarity is None else np.asarray([similarity]))[0])
     unknown = score < abstain.threshold
     return {"answer": UNKNOWN if unknown else best, "unknown": bool(unknown), "score": score,
             "top_k": top_k(probs, classes, k)}
+
+
+def per_image(probs: np.ndarray, similarity: np.ndarray | None) -> list[tuple[np.ndarray, float | None]]:
+    """A backend's scores -> one (probabilities, similarity or None) pair per image."""
+    return [(p, None if similarity is None else float(similarity[i])) for i, p in enumerate(probs)]
 
 
 class Predictor:
@@ -62,6 +70,11 @@ class Predictor:
     def probabilities_uint8(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 N x C x H x W -> probabilities N x K."""
         return self.backend.probabilities_uint8(batch)
+
+    def answers_uint8(self, batch: torch.Tensor, k: int) -> list[dict]:
+        """uint8 N x C x H x W -> N answers (see `answer`)."""
+        return [answer(p, self.classes, k, self.abstain, self.thresholds, s)
+                for p, s in per_image(*self.backend.scores_uint8(batch))]
 
     def to_uint8(self, image) -> torch.Tensor:
         """A PIL image, path or bytes -> uint8 C x H x W at the model's size."""
@@ -101,9 +114,8 @@ class Predictor:
         try:
             for chunk in decoded:
                 images = [img for _, img, _ in chunk if img is not None]
-                rows = iter(self.probabilities_uint8(torch.stack(images)) if images else [])
-                yield [{"path": str(paths[i]), **answer(next(rows), self.classes, k, self.abstain, self.thresholds)}
-                       if img is not None
+                rows = iter(self.answers_uint8(torch.stack(images), k) if images else [])
+                yield [{"path": str(paths[i]), **next(rows)} if img is not None
                        else {"path": str(paths[i]), "error": reason} for i, img, reason in chunk]
         finally:
             decoded.close()

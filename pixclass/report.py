@@ -85,7 +85,8 @@ def _top_losses(art, probs, labels, paths, out: Path, count: int = 12) -> tuple[
     return plots.image_gallery(items, out / "top_losses.png"), rows
 
 
-def _calibration_section(art, calib: dict, before: dict | None, figs: dict, probs: np.ndarray) -> str:
+def _calibration_section(art, calib: dict, before: dict | None, figs: dict, probs: np.ndarray,
+                         unknown_share: float | None = None) -> str:
     ece = f"<b>{calib['ece']:.4f}</b>"
     if before is not None:
         text = (f"<p>expected calibration error (15 bins): {before['ece']:.4f} before, {ece} after temperature "
@@ -95,7 +96,9 @@ def _calibration_section(art, calib: dict, before: dict | None, figs: dict, prob
         text = f"<p>expected calibration error (15 bins): {ece} (temperature {art.temperature:.3f})</p>"
         images = img_tag(figs["reliability"])
     if art.abstain is not None:
-        share = float(art.abstain.unknown(probs).mean()) if len(probs) else 0.0
+        if unknown_share is None:  # from the probabilities: a knn_similarity threshold's fallback
+            unknown_share = float(art.abstain.unknown(probs).mean()) if len(probs) else 0.0
+        share = unknown_share
         text += (f"<p>answered <i>unknown</i> below a {html.escape(art.abstain.method.replace('_', ' '))} of "
                  f"{art.abstain.threshold:.4f} (keeps {art.abstain.keep:.0%} of the validation images): "
                  f"{share:.1%} of these images</p>")
@@ -174,7 +177,7 @@ def write_report(out: Path, art, metrics: dict, probs: np.ndarray, labels: np.nd
     s["top-losses"] = (img_tag(gallery) if gallery else "") + html_table(
         [[Path(r["path"]).name, r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.3f}"] for r in worst],
         ["image", "true", "predicted", "probability", "loss"])
-    s["calibration"] = _calibration_section(art, calib, before, figs, probs)
+    s["calibration"] = _calibration_section(art, calib, before, figs, probs, metrics.get("unknown_share"))
     titles = {"summary": "Run summary", "data": "Data", "curves": "Training curves",
               "metrics": metrics_section_title(metrics), "per-class": "Per-class precision, recall, F1",
               "confusion": "Confusion matrix",

@@ -83,14 +83,15 @@ def test_probe_reads_a_bounded_sample_of_training_headers_spread_over_classes(tm
     assert probe_image_sizes(tmp_path / "missing").median_side is None
 
 
-def test_fast_recipe_on_train_and_test_folders_trains_on_all_of_train(tmp_path):
-    """The fast recipe selects nothing on a validation split: carving one out of train/ (the
-    default split's 15%) would only cost training images when test/ is the held-out split."""
+def test_fast_recipe_on_train_and_test_folders_keeps_a_small_validation_split(tmp_path):
+    """The fast recipe selects nothing on a validation split, so it carves out of train/ only the
+    few images calibration and the abstain threshold are fitted on (not the default split's 15%)."""
     for split in ("train", "test"):
         make_shapes(tmp_path / "d" / split, per_class=4, size=32)
     cfg, _, recipe = choose_recipe(RunConfig(data=DataConfig(path=str(tmp_path / "d"))))
-    assert recipe.name == "fast" and cfg.data.split == (1.0, 0.0, 0.0)
-    assert cfg.train.recipe_reason.endswith("fast from-scratch recipe (airbench), on all of train/ (test/ judges it)")
+    assert recipe.name == "fast" and cfg.data.split == (0.95, 0.05, 0.0)
+    assert cfg.train.recipe_reason.endswith("fast from-scratch recipe (airbench), on 95% of train/ (the rest "
+                                            "calibrates, test/ judges it)")
     make_shapes(tmp_path / "d" / "val", per_class=2, size=32)  # a validation split given: kept, nothing carved
     cfg, _, _ = choose_recipe(RunConfig(data=DataConfig(path=str(tmp_path / "d"))))
     assert cfg.data.split == DataConfig().split and not cfg.train.recipe_reason.endswith("judges it)")

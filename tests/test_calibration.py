@@ -60,14 +60,16 @@ def test_a_run_stores_calibration_and_its_report_shows_before_and_after(trained_
     model_dir, run_dir = Path(trained_run["model_dir"]), Path(trained_run["run_dir"])
     meta = json.loads((model_dir / "pixclass.json").read_text())
     assert meta["temperature"] != 1.0 and meta["temperature"] == trained_run["metrics"]["temperature"]
-    assert meta["abstain"]["method"] == "max_probability" and meta["abstain"]["keep"] == 0.95
+    assert meta["abstain"]["method"] == "knn_similarity" and meta["abstain"]["keep"] == 0.95
+    assert meta["abstain"]["fallback"]["method"] == "max_probability"  # for the exports without the similarity
     calib = json.loads((run_dir / "calibration.json").read_text())
     assert calib["temperature"] == meta["temperature"] and "ece" in calib["before"]
     page = (run_dir / "report.html").read_text()
     assert "before, <b>" in page and "reliability_uncalibrated.png" in page and "answered <i>unknown</i>" in page
     # the run's figures are the calibrated model's: what `pixclass evaluate` gives
     art = artifact_io.load(model_dir)
-    assert art.temperature == meta["temperature"] and art.abstain == Abstain(**meta["abstain"])
+    assert art.temperature == meta["temperature"] and art.abstain == Abstain.from_dict(meta["abstain"])
+    assert art.feature_bank.dtype == torch.float16 and art.feature_bank.ndim == 2  # the training features
     backend = TorchBackend.from_artifact(art)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -93,7 +95,7 @@ def test_predict_answers_unknown_for_noise_and_abstain_off_turns_it_off(trained_
     assert sum(r["unknown"] for r in on_shapes) <= len(on_shapes) // 5
     for r in out:
         assert r["answer"] == ("unknown" if r["unknown"] else r["top_k"][0]["class"])
-        assert r["score"] == pytest.approx(r["top_k"][0]["probability"])
+        assert -1 <= r["score"] <= 1  # the feature similarity the knn_similarity threshold reads
     off = json.loads(run_cli("predict", trained_run["model_dir"], noise, "--json", "--abstain", "off").stdout)
     assert all(not r["unknown"] and r["score"] is None and r["answer"] == r["top_k"][0]["class"] for r in off)
     table = run_cli("predict", trained_run["model_dir"], noise).stdout
@@ -142,7 +144,11 @@ def test_onnx_export_bakes_the_temperature_and_carries_the_threshold(trained_run
     meta = onnx.session.get_modelmeta().custom_metadata_map
     assert float(meta["pixclass_temperature"]) == art.temperature
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    np.testing.assert_allclose(onnx.probabilities(x), TorchBackend.from_artifact(art).probabilities(x), atol=1e-5)
+    (probs, similarity), (expected, expected_similarity) = onnx.scores(x), TorchBackend.from_artifact(art).scores(x)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    # the knn_similarity score is the graph's second output, as PyTorch computes it
+    assert [o.name for o in onnx.session.get_outputs()] == ["probabilities", "similarity"]
+    np.testing.assert_allclose(similarity, expected_similarity, atol=1e-5)
 
 
 def test_an_artifact_from_before_calibration_loads_and_never_abstains(tmp_path):
@@ -161,6 +167,10 @@ def test_an_artifact_from_before_calibration_loads_and_never_abstains(tmp_path):
     ("temperature", 0.0, "temperature: Input should be greater than or equal to 0.05"),
     ("temperature", "2", "temperature: Input should be a valid number"),
     ("abstain", {"method": "energy", "threshold": 0.5, "keep": 0.95}, "abstain.method: Input should be"),
+    ("abstain", {"method": "knn_similarity", "threshold": 0.5, "keep": 0.95}, "needs the feature bank"),
+    ("abstain", {"method": "knn_similarity", "threshold": 0.5, "keep": 0.95,
+                 "fallback": {"method": "knn_similarity", "threshold": 0.5, "keep": 0.95}},
+     "a fallback threshold is a max_probability one"),
 ])
 def test_a_damaged_calibration_is_one_error_line(tmp_path, field, value, message):
     folder = tmp_path / "m"

@@ -33,7 +33,7 @@ def tiny_artifact(seed: int = 0):
     """What export_onnx reads of an artifact."""
     return SimpleNamespace(model=tiny_model(seed), classes=CLASSES, preprocess=PRE, arch={"name": "tiny"},
                            tta="none", temperature=1.0, abstain=None, thresholds=None, multilabel=False,
-                           task="multiclass")
+                           task="multiclass", feature_bank=None)
 
 
 def uint8_batch(n: int = 6, seed: int = 1) -> torch.Tensor:
@@ -153,8 +153,8 @@ def test_evaluation_goes_through_the_backend(trained_run, shapes_session, tmp_pa
     images = torch.stack([image_to_uint8(decode_image(p, 3), art.preprocess) for p in files])
     split = SplitData(images, torch.as_tensor(np.repeat([0, 1, 2], 4)), files)
     calls = []
-    original = TorchBackend.probabilities_uint8
-    monkeypatch.setattr(TorchBackend, "probabilities_uint8", lambda self, b: calls.append(len(b)) or original(self, b))
+    original = TorchBackend.scores_uint8
+    monkeypatch.setattr(TorchBackend, "scores_uint8", lambda self, b: calls.append(len(b)) or original(self, b))
     metrics, probs = evaluate_split(art, split, batch_size=5)
     assert calls == [5, 5, 2]  # every batch went through the artifact's TorchBackend
     onnx_backend = OnnxBackend(export_onnx(art, tmp_path / "m.onnx"))

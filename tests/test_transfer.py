@@ -225,3 +225,28 @@ def test_feature_cache_is_shared_by_models_whose_heads_differ(ants_bees_small, t
     assert not torch.equal(*heads)
     assert torch.equal(rows[0]["all"].tensor(), rows[1]["all"].tensor())
     assert len(list((tmp_path / "cache" / "features").glob("*/*.safetensors"))) == 1
+
+
+def test_predict_and_the_service_answer_unknown_for_cifar_images_not_for_unseen_ants_and_bees(
+        transfer_run, hymenoptera, cifar_train_400):
+    """The deployed knn_similarity threshold (features of the fine-tuned backbone against a bank
+    of the training images'): CIFAR-10 photos, upscaled by the model's preprocessing, are not ants
+    or bees, and photos of ants and bees the run never saw mostly are."""
+    from fastapi.testclient import TestClient
+
+    from pixclass.serve.app import Settings, create_app
+    summary, _ = transfer_run
+    unseen = [f for cls in ("ants", "bees") for f in sorted((hymenoptera / "val" / cls).iterdir())[12:24]]
+    cifar = [f for cls in sorted(os.listdir(cifar_train_400)) for f in sorted((cifar_train_400 / cls).iterdir())[:2]]
+    meta = json.loads((Path(summary["model_dir"]) / "pixclass.json").read_text())
+    assert meta["abstain"]["method"] == "knn_similarity"
+    out = json.loads(run_cli("predict", summary["model_dir"], *unseen, *cifar, "--json").stdout)
+    on_unseen, on_cifar = out[:len(unseen)], out[len(unseen):]
+    assert sum(r["answer"] == "unknown" for r in on_cifar) >= 18, [r["score"] for r in on_cifar]
+    assert sum(r["unknown"] for r in on_unseen) <= 3, [r["score"] for r in on_unseen]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in unseen[:4] + cifar[:4]]
+    with TestClient(create_app(Settings(model=summary["model_dir"]))) as client:
+        body = client.post("/v1/predict", files=files).json()
+    assert [p["unknown"] for p in body["predictions"]] == [r["unknown"] for r in on_unseen[:4] + on_cifar[:4]]
+    assert [p["score"] for p in body["predictions"]] == pytest.approx(
+        [r["score"] for r in on_unseen[:4] + on_cifar[:4]], abs=1e-4)

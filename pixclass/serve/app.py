@@ -120,7 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from .. import artifact as artifact_io
-    from ..predict import answer
+    from ..predict import answer, per_image
 
     registry = CollectorRegistry()
     requests_total = Counter("pixclass_requests_total", "requests", ["route", "status"], registry=registry)
@@ -146,7 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
                      digest=artifact_io.files_digest(settings.model))
         if log is not None:
             await loop.run_in_executor(None, log.start)
-        state["batcher"] = Batcher(backend.probabilities_uint8, settings.max_batch, settings.batch_wait_ms / 1000,
+        state["batcher"] = Batcher(lambda batch: per_image(*backend.scores_uint8(batch)), settings.max_batch, settings.batch_wait_ms / 1000,
                                    on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
         state["decoder"] = UploadDecoder(art.preprocess, settings.max_pixels, settings.request_pixels)
@@ -183,10 +183,10 @@ def create_app(settings: Settings) -> FastAPI:
         start = time.perf_counter()
         names = [f.filename or "" for f in files]
         contents = await read(files)
-        probs = await state["batcher"].submit(await state["decoder"].decode([n or "<upload>" for n in names], contents))
+        scored = await state["batcher"].submit(await state["decoder"].decode([n or "<upload>" for n in names], contents))
         classes = state["art"].classes
         abstain = state["art"].abstain if settings.abstain else None
-        records = [answer(p, classes, min(k, len(classes)), abstain, state["art"].thresholds) for p in probs]
+        records = [answer(p, classes, min(k, len(classes)), abstain, state["art"].thresholds, s) for p, s in scored]
         answers = [r["top_k"] for r in records]  # what the prediction log keeps
         request_id = x_request_id if x_request_id and REQUEST_ID.fullmatch(x_request_id) else uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in files]

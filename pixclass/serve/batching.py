@@ -7,13 +7,12 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 
 class Batcher:
-    """`predict`: uint8 images N x C x H x W -> probabilities N x K, e.g. a backend's
-    `probabilities_uint8` (pixclass.inference); it runs in the batcher's one worker thread."""
+    """`predict`: uint8 images N x C x H x W -> N results, one per image (e.g. the rows of a
+    backend's `probabilities_uint8`, pixclass.inference); it runs in the batcher's one worker thread."""
 
     def __init__(self, predict, max_batch: int = 32, max_wait_s: float = 0.005, on_batch=None):
         self.predict, self.max_batch, self.max_wait_s = predict, max_batch, max_wait_s
@@ -31,15 +30,15 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    async def submit(self, images: list[torch.Tensor]) -> np.ndarray:
-        """uint8 images (C x H x W each) -> probabilities, batched with other requests."""
+    async def submit(self, images: list[torch.Tensor]) -> list:
+        """uint8 images (C x H x W each) -> their results, batched with other requests."""
         loop = asyncio.get_running_loop()
         futures = []
         for image in images:
             future = loop.create_future()
             await self.queue.put((image, future))
             futures.append(future)
-        return np.stack(await asyncio.gather(*futures))
+        return list(await asyncio.gather(*futures))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

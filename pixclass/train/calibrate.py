@@ -1,19 +1,25 @@
 """The end of every training run, whatever the recipe: the calibration temperature and the
 abstain threshold, both fitted on the validation split with the final network as the artifact
 will run it (its test-time augmentation included), and the held-out split's probabilities as the
-calibrated artifact gives them."""
+calibrated artifact gives them.
+
+The abstain threshold is a knn_similarity one (abstain.py, feature_bank.py): the bank holds the
+penultimate features of a seeded sample of the training images, and the threshold keeps 95% of
+the validation images' similarities to it; a max_probability threshold fitted alongside is its
+fallback for the exports that answer probabilities only."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..abstain import Abstain, fit_abstain
 from ..calibration import fit_temperature
 from ..data.dataset import PathSplit
-from ..data.loaders import load_split
-from ..inference import logits_of_batches
+from ..data.loaders import SplitData, load_split
+from ..feature_bank import bank_indices, bank_of, classifier_layer, features_of_batches, nearest_similarity
 from ..progress import Reporter
 from ..tta import combine_views
 
@@ -23,29 +29,58 @@ class Calibrated:
     temperature: float
     abstain: Abstain | None
     held_out: np.ndarray | None  # the held-out split's probabilities at `temperature`, in its order
+    feature_bank: torch.Tensor | None = None  # knn_similarity's bank (None: a max_probability threshold)
+    held_out_similarity: np.ndarray | None = None  # the held-out split's similarities to the bank
 
 
 def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter, max_memory_gb: float,
-              batch_size: int = 128) -> Calibrated | None:
+              batch_size: int = 128, seed: int = 0) -> Calibrated | None:
     """None without a validation split (the model stays uncalibrated and never answers unknown)."""
     if data.val is None or len(data.val) == 0:
         reporter.warn("no validation split: the probabilities stay uncalibrated and the model never answers "
                       "unknown (both are fitted on validation images; --split 0.8,0.2,0 keeps some)")
         return None
 
-    def logits(split):
+    def scored(split):  # (logits V x N x K, normalized features V x N x D, labels N)
         if isinstance(split, PathSplit):  # a recipe that did not decode it (cached features)
             split, _ = load_split(split.paths, split.labels, data.preprocess, Reporter(quiet=True), max_memory_gb)
-        return logits_of_batches(model, data.preprocess, split.batches(batch_size), tta)
+        return features_of_batches(model, data.preprocess, split.batches(batch_size), tta)
 
-    val_logits, val_labels = logits(data.val)
+    val_logits, val_features, val_labels = scored(data.val)
     temperature = fit_temperature(val_logits, val_labels)
-    abstain = fit_abstain(combine_views(val_logits, temperature).numpy())
-    held_out = None
+    val_probs = combine_views(val_logits, temperature).numpy()
+    abstain = fit_abstain(val_probs)
+    bank = feature_bank(model, data.train, data.preprocess, max_memory_gb, batch_size, seed)
+    if bank is not None:
+        abstain = fit_abstain(val_probs, method="knn_similarity", fallback=abstain,
+                              similarity=nearest_similarity(val_features, bank.float()).numpy())
+    held_out = held_similarity = None
     if held_split == "val":
-        held_out = combine_views(val_logits, temperature).numpy()
+        held_out, held_features = val_probs, val_features
     elif held_split is not None:
-        held_out = combine_views(logits(getattr(data, held_split))[0], temperature).numpy()
+        held_logits, held_features, _ = scored(getattr(data, held_split))
+        held_out = combine_views(held_logits, temperature).numpy()
+    if held_split is not None and bank is not None:
+        held_similarity = nearest_similarity(held_features, bank.float()).numpy()
     reporter.info(f"calibration: temperature {temperature:.3f}; unknown below {abstain.method.replace('_', ' ')} "
-                  f"{abstain.threshold:.3f} (keeps {abstain.keep:.0%} of the validation images)")
-    return Calibrated(temperature, abstain, held_out)
+                  f"{abstain.threshold:.3f} (keeps {abstain.keep:.0%} of the validation images"
+                  + (f"; bank of {len(bank)} training images)" if bank is not None else ")"))
+    return Calibrated(temperature, abstain, held_out, bank, held_similarity)
+
+
+def feature_bank(model, train, preprocess, max_memory_gb: float, batch_size: int = 128, seed: int = 0):
+    """knn_similarity's bank: the normalized penultimate features (float16) of a seeded sample of
+    the training images, each as it is (no augmentation, no test-time views); None for a network
+    without a classifier layer to read them at."""
+    try:
+        classifier_layer(model)
+    except ValueError:
+        return None
+    keep = bank_indices(len(train), seed=seed)
+    if isinstance(train, SplitData):
+        sample = SplitData(train.images[keep], train.labels[keep], [train.paths[i] for i in keep])
+    else:  # streamed or not decoded: decode the sample only
+        sample, _ = load_split([train.paths[i] for i in keep], [int(train.labels[i]) for i in keep], preprocess,
+                               Reporter(quiet=True), max_memory_gb)
+    _, features, _ = features_of_batches(model, preprocess, sample.batches(batch_size))
+    return bank_of(features)

@@ -281,7 +281,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         thresholds = fit_thresholds(job.model, data, result.tta, job.reporter)
     else:
         calibrated = calibrate(job.model, data, result.tta, result.held_out.split if result.held_out else None,
-                               job.reporter, cfg.data.max_memory_gb)
+                               job.reporter, cfg.data.max_memory_gb, seed=cfg.train.seed)
     held, uncalibrated = result.held_out, None
     if calibrated is not None and held is not None and calibrated.held_out is not None \
             and len(calibrated.held_out) == len(held.labels):
@@ -295,6 +295,11 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
                        **result.metrics)
         if calibrated is not None:
             metrics["temperature"] = calibrated.temperature
+            if calibrated.abstain is not None and len(held.probabilities) == len(held.labels):
+                # the share the saved model answers unknown (its report says it; a knn_similarity
+                # threshold needs the similarities, which the probabilities alone do not give)
+                metrics["unknown_share"] = float(calibrated.abstain.unknown(
+                    held.probabilities, calibrated.held_out_similarity).mean())
         # said again beside the final accuracy: a class with no held-out image is not in that number
         if (val_accuracy := validation_accuracy(result)) is not None:
             metrics["val_accuracy"] = val_accuracy  # what `pixclass tune` selected on
@@ -304,7 +309,8 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
     art = artifact_io.Artifact(model=job.model, arch=job.arch, classes=data.classes, preprocess=data.preprocess,
                                config=cfg.to_dict(), tta=result.tta,
                                temperature=calibrated.temperature if calibrated else 1.0,
-                               abstain=calibrated.abstain if calibrated else None, thresholds=thresholds)
+                               abstain=calibrated.abstain if calibrated else None, thresholds=thresholds,
+                               feature_bank=calibrated.feature_bank if calibrated else None)
     # the recipe's own figures too where nothing was held out (the few-shot recipe's leave-one-out accuracy)
     art.metrics = {k: v for k, v in {**result.metrics, **metrics}.items() if k not in ("per_class", "confusion_matrix")}
     art.metrics["history_last"] = result.history[-1] if result.history else {}

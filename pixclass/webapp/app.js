@@ -52,7 +52,15 @@ function toTensor(bitmap) {
   return new ort.Tensor("float32", data, [1, c, n, n]);
 }
 
-function show(probs) {
+// The abstain score: the graph's feature similarity for a knn_similarity threshold (its second
+// output), else the top probability; null where the threshold needs an output the graph lacks.
+function abstainScore(probs, similarity) {
+  if (meta.abstain == null) return null;
+  if (meta.abstain.method === "knn_similarity") return similarity;
+  return meta.abstain.method === "max_probability" ? Math.max(...probs) : null;
+}
+
+function show(probs, similarity) {
   const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a]).slice(0, 5);
   resultEl.innerHTML = "";
   for (const i of order) {
@@ -66,11 +74,11 @@ function show(probs) {
   }
   resultEl.dataset.top = meta.classes[order[0]];
   // below the abstain threshold (meta.json, fixed on validation images): "unknown", as predict answers
-  const score = probs[order[0]];
-  const unknown = meta.abstain != null && meta.abstain.method === "max_probability" && score < meta.abstain.threshold;
+  const score = abstainScore(probs, similarity);
+  const unknown = score != null && score < meta.abstain.threshold;
   resultEl.dataset.answer = unknown ? "unknown" : meta.classes[order[0]];
   resultEl.dataset.unknown = String(unknown);
-  resultEl.dataset.score = score.toFixed(6);
+  resultEl.dataset.score = score == null ? "" : score.toFixed(6);
 }
 
 document.getElementById("file").addEventListener("change", async (event) => {
@@ -82,7 +90,8 @@ document.getElementById("file").addEventListener("change", async (event) => {
     preview.src = URL.createObjectURL(file);
     preview.style.display = "block";
     const output = await session.run({ [session.inputNames[0]]: toTensor(bitmap) });
-    show(Array.from(output[session.outputNames[0]].data));
+    const similarity = output.similarity ? output.similarity.data[0] : null;
+    show(Array.from(output[session.outputNames[0]].data), similarity);
     statusEl.textContent = resultEl.dataset.unknown === "true"
       ? `unknown (score ${resultEl.dataset.score.slice(0, 5)}): none of the classes fits well`
       : `top class: ${resultEl.dataset.top}`;
