@@ -163,6 +163,24 @@ def test_an_artifact_from_before_calibration_loads_and_never_abstains(tmp_path):
     assert artifact_io.load(tmp_path / "resaved").temperature == 1.0
 
 
+def test_an_artifact_with_a_max_probability_threshold_and_no_bank_answers_as_before(tmp_path):
+    """The artifacts written between calibration and the feature bank: their threshold is on the
+    top probability, and every backend (PyTorch here, ONNX from its export) applies it so."""
+    folder = tmp_path / "mid"
+    shutil.copytree(FIXTURES / "seed-cnn", folder)
+    meta = json.loads((folder / "pixclass.json").read_text())
+    meta["abstain"] = {"method": "max_probability", "threshold": 0.999, "keep": 0.95}
+    (folder / "pixclass.json").write_text(json.dumps(meta))
+    art = artifact_io.load(folder)
+    assert art.feature_bank is None and art.abstain.method == "max_probability"
+    [record], _ = Predictor(art).predict_files([FIXTURES / "circle.png"])
+    assert record["score"] == pytest.approx(record["top_k"][0]["probability"])
+    assert record["unknown"] == (record["score"] < 0.999)
+    probs, similarity = TorchBackend.from_artifact(art).scores(torch.zeros(1, 3, art.preprocess.size,
+                                                                           art.preprocess.size))
+    assert similarity is None and probs.shape == (1, len(art.classes))
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", 0.0, "temperature: Input should be greater than or equal to 0.05"),
     ("temperature", "2", "temperature: Input should be a valid number"),

@@ -49,6 +49,7 @@ def test_webapp_on_a_phone_offline(trained_run, shapes_session, tmp_path):
             online = page.evaluate("document.getElementById('result').dataset.top")
             # the answer with the model's abstain threshold (meta.json), as predict gives it
             answer = page.evaluate("document.getElementById('result').dataset.answer")
+            score = page.evaluate("document.getElementById('result').dataset.score")
             page.screenshot(path=str(tmp_path / "phone.png"))
 
             context.set_offline(True)  # the network is gone: everything must come from the service worker
@@ -65,6 +66,8 @@ def test_webapp_on_a_phone_offline(trained_run, shapes_session, tmp_path):
     assert errors == []
     assert online == expected and offline == expected
     assert answer == predicted["answer"]
+    # the knn_similarity score, read from the ONNX graph's second output, as predict computes it
+    assert float(score) == pytest.approx(predicted["score"], abs=1e-4)
     meta = json.loads((app / "meta.json").read_text())
     assert meta["abstain"] and meta["abstain"]["threshold"] == pytest.approx(predicted_threshold(trained_run))
 
