@@ -15,11 +15,11 @@ With `--own-features` (any model; `--embedding`, its earlier name, measured the 
 backbone's pooled features, which are a transfer model's penultimate features), the deep
 nearest-neighbour scores on the model's own penultimate features (pixclass.feature_bank, what the
 `knn_similarity` abstain method deploys): the cosine similarity to the nearest training image with
-the whole training split as the bank and with seeded subsets of `--bank-sizes` images (float16, as
-the artifact stores them), and to the nearest class prototype (mean feature of each class).
+the whole training split (or a seeded sample of `--train-limit` images) as the bank and with seeded
+subsets of `--bank-sizes` images (float16, as the artifact stores them), and to the nearest class prototype (mean feature of each class).
 
 usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--keep 0.95]
-       [--own-features] [--bank-sizes 4096,1024,256] [--json FILE]"""
+       [--own-features] [--bank-sizes 4096,1024,256] [--train-limit N] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def scores(logits: torch.Tensor, temperature: float) -> dict[str, np.ndarray]:
 
 def own_feature_scores(args, art, ood_paths) -> dict[str, dict[str, np.ndarray]]:
     """{score name: {"val"|"test"|"ood": per-image scores}} on the model's own penultimate features."""
-    cache = args.run_dir / f"bench_features_{args.ood.name}_{len(ood_paths)}.pt"
+    cache = args.run_dir / f"bench_features_{args.ood.name}_{len(ood_paths)}_{args.train_limit}.pt"
     if cache.is_file():
         feats = torch.load(cache, weights_only=False)
     else:
@@ -76,7 +76,10 @@ def own_feature_scores(args, art, ood_paths) -> dict[str, dict[str, np.ndarray]]
             split, _ = load_split(paths, labels, art.preprocess, Reporter(quiet=True), max_memory_gb=8)
             _, f, y = features_of_batches(art.model, art.preprocess, split.batches(256), art.tta)
             return f, y
-        feats = {name: features(*split_files(args.run_dir, art, name)) for name in ("train", "val", "test")}
+        feats = {name: features(*split_files(args.run_dir, art, name)) for name in ("val", "test")}
+        paths, labels = split_files(args.run_dir, art, "train")
+        keep = bank_indices(len(paths), args.train_limit or len(paths), seed=1)  # another sample than the run's bank
+        feats["train"] = features([paths[i] for i in keep], [labels[i] for i in keep])
         feats["ood"] = features(ood_paths, [0] * len(ood_paths))
         torch.save(feats, cache)
     train, train_labels = feats["train"]
@@ -112,6 +115,8 @@ def main() -> None:
     parser.add_argument("--own-features", "--embedding", action="store_true",
                         help="also kNN on the model's own penultimate features")
     parser.add_argument("--bank-sizes", default="4096,1024,256")
+    parser.add_argument("--train-limit", type=int, default=0,
+                        help="features of this many training images at most (a seeded sample; 0: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     art = artifact_io.load(args.run_dir / "model")

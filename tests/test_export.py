@@ -17,6 +17,7 @@ def test_onnx_export_agrees_and_carries_its_metadata(trained_run, shapes_session
     assert proc.returncode == 0, proc.stderr
     v = json.loads(proc.stdout)
     assert v["passed"] and v["agreement"] >= 0.995 and v["max_prob_diff"] <= 1e-4 and v["n"] >= 10
+    assert v["max_similarity_diff"] <= 1e-4  # the graph's second output: the knn_similarity abstain score
     proto = onnx.load(str(tmp_path / "m.onnx"))
     assert proto.opset_import[0].version >= 17
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -27,6 +28,7 @@ def test_onnx_export_agrees_and_carries_its_metadata(trained_run, shapes_session
     b = json.loads(run_cli("predict", model, shapes_session / "square", "--json").stdout)
     assert [r["top_k"][0]["class"] for r in a] == [r["top_k"][0]["class"] for r in b]
     assert max(abs(x["top_k"][0]["probability"] - y["top_k"][0]["probability"]) for x, y in zip(a, b)) < 1e-5
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
 
 
 def _int8_weights(path) -> list:
