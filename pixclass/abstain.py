@@ -15,7 +15,7 @@ abstain), and the exports carry the one they apply in their metadata."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,9 +36,9 @@ class Abstain:
             raise ValueError(f"unknown abstain method {self.method!r} (one of {', '.join(METHODS)})")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.fallback is None:
-            del d["fallback"]  # as older files have it
+        d = {"method": self.method, "threshold": self.threshold, "keep": self.keep}
+        if self.fallback is not None:  # absent otherwise, as in older files
+            d["fallback"] = self.fallback.to_dict()
         return d
 
     @classmethod
