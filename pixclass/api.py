@@ -91,12 +91,20 @@ class ImageClassifier:
         self.tta = "none"  # the test-time augmentation of a loaded or trained model (tta.py)
         self.temperature, self.abstain = 1.0, None  # its calibration and abstain threshold (calibration.py, abstain.py)
         self.feature_bank = None  # the training features a knn_similarity threshold compares with (feature_bank.py)
+        self.thresholds = None  # a multi-label model's per-label thresholds (None: single-label)
+
+    # how a trained model answers, beyond its weights: carried from an artifact and back into one
+    _ANSWERING = ("tta", "temperature", "abstain", "feature_bank", "thresholds")
+
+    def _take_answering(self, art: artifact_io.Artifact) -> None:
+        for name in self._ANSWERING:
+            setattr(self, name, getattr(art, name))
 
     @classmethod
     def from_artifact(cls, art: artifact_io.Artifact) -> "ImageClassifier":
         clf = cls(art.arch["name"], art.classes, preprocess=art.preprocess)
-        clf.model, clf.arch, clf.metrics, clf.tta = art.model, art.arch, art.metrics, art.tta
-        clf.temperature, clf.abstain, clf.feature_bank = art.temperature, art.abstain, art.feature_bank
+        clf.model, clf.arch, clf.metrics = art.model, art.arch, art.metrics
+        clf._take_answering(art)
         return clf
 
     def _build(self) -> None:
@@ -120,16 +128,14 @@ class ImageClassifier:
         art = artifact_io.load(summary["model_dir"])
         self.model, self.arch, self.classes, self.preprocess = art.model, art.arch, art.classes, art.preprocess
         self.model_name, self.metrics, self.run_dir = art.arch["name"], art.metrics, Path(summary["run_dir"])
-        self.tta, self.temperature, self.abstain = art.tta, art.temperature, art.abstain
-        self.feature_bank = art.feature_bank
+        self._take_answering(art)
         self.history = summary["history"]
         return self.history
 
     def _artifact(self) -> artifact_io.Artifact:
         self._build()
-        return artifact_io.Artifact(self.model, self.arch, self.classes, self.preprocess,
-                                    metrics=self.metrics, tta=self.tta, temperature=self.temperature,
-                                    abstain=self.abstain, feature_bank=self.feature_bank)
+        return artifact_io.Artifact(self.model, self.arch, self.classes, self.preprocess, metrics=self.metrics,
+                                    **{name: getattr(self, name) for name in self._ANSWERING})
 
     def evaluate(self, data) -> dict:
         """Metrics on an ImageFolder's held-out split (test, else val), on a labelled folder, or on
@@ -152,11 +158,18 @@ class ImageClassifier:
         return Predictor(self._artifact()).probabilities(images if isinstance(images, (list, tuple)) else [images])
 
     def predict(self, images, k: int = 3):
-        """Top-k classes with probabilities: one list for one image, a list of lists for several."""
+        """Top-k classes with probabilities: one list for one image, a list of lists for several. A
+        multi-label model answers every label at or above its threshold instead (likeliest first,
+        possibly none), in the same form."""
         from .predict import top_k
         single = not isinstance(images, (list, tuple))
         probs = self.predict_proba(images)
-        out = [top_k(row, self.classes, min(k, len(self.classes))) for row in probs]
+        thresholds = self.thresholds
+        if thresholds is not None:
+            out = [[c for c in top_k(row, self.classes, len(self.classes))
+                    if c["probability"] >= thresholds[self.classes.index(c["class"])]] for row in probs]
+        else:
+            out = [top_k(row, self.classes, min(k, len(self.classes))) for row in probs]
         return out[0] if single else out
 
     def explain(self, image, method: str = "gradcam", class_name: str | None = None, layer: str | None = None):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import MULTILABEL_CLASSES, needs_cifar, run_cli, start_server
+from phone_browser import classify, needs_chromium, phone_page
 from pixclass.metrics import average_precision, multilabel_metrics, tune_thresholds
 
 
@@ -130,6 +131,43 @@ def test_the_service_answers_the_label_list(multilabel_run, cifar_multilabel):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@needs_cifar
+def test_the_python_api_answers_the_label_list_and_saves_a_multilabel_model(multilabel_run, cifar_multilabel,
+                                                                            tmp_path):
+    from pixclass import api
+    out, _ = multilabel_run
+    images = sorted((cifar_multilabel.parent / "images").iterdir())[:20]
+    predicted = json.loads(run_cli("predict", str(out / "model"), *map(str, images), "--json").stdout)
+    clf = api.load(out / "model")
+    answers = clf.predict([str(p) for p in images])
+    assert [[c["class"] for c in a] for a in answers] == [r["labels"] for r in predicted]
+    # sigmoid outputs, not a softmax: the probabilities of an image need not sum to 1
+    assert not np.allclose(clf.predict_proba([str(images[0])]).sum(), 1.0, atol=1e-3)
+    saved = json.loads((clf.save(tmp_path / "again") / "pixclass.json").read_text())
+    assert saved["task"] == "multilabel" and saved["thresholds"] == pytest.approx(clf.thresholds)
+
+
+@needs_cifar
+@needs_chromium
+def test_the_web_app_answers_the_label_list(multilabel_run, cifar_multilabel, tmp_path):
+    out, _ = multilabel_run
+    r = run_cli("export", str(out / "model"), "--format", "webapp", "--out", str(tmp_path / "app"), "--json")
+    assert r.returncode == 0, r.stderr
+    images = sorted((cifar_multilabel.parent / "images").iterdir())[:40]
+    predicted = json.loads(run_cli("predict", str(out / "model"), *map(str, images), "--json").stdout)
+    # two images with two labels and, where predict answers any, one with another number of labels
+    two = [r for r in predicted if len(r["labels"]) == 2][:2]
+    picked = two + [r for r in predicted if len(r["labels"]) != 2][:1]
+    assert len(two) == 2
+    errors = []
+    with phone_page(tmp_path / "app", errors) as (_, page):
+        shown = [classify(page, Path(r["path"])) for r in picked]
+    assert errors == []
+    for record, result in zip(picked, shown):
+        assert json.loads(result["labels"]) == record["labels"] and result["answer"] == record["answer"]
+        assert result["status"] == (f"labels: {record['answer']}" if record["labels"] else "no label reaches its threshold")
 
 
 def _csv(tmp_path: Path, text: str, images=("a.png", "b.png", "c.png")) -> Path:

@@ -73,6 +73,17 @@ function show(probs, similarity) {
     resultEl.appendChild(row);
   }
   resultEl.dataset.top = meta.classes[order[0]];
+  if (meta.thresholds != null) {
+    // a multi-label model (sigmoid outputs): every label at or above its threshold (meta.json, tuned
+    // on validation images), likeliest first, as predict and the service answer; no abstain
+    const labels = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a])
+      .filter((i) => probs[i] >= meta.thresholds[i]).map((i) => meta.classes[i]);
+    resultEl.dataset.labels = JSON.stringify(labels);
+    resultEl.dataset.answer = labels.join(" ");
+    resultEl.dataset.unknown = "false";
+    resultEl.dataset.score = "";
+    return;
+  }
   // below the abstain threshold (meta.json, fixed on validation images): "unknown", as predict answers
   const score = abstainScore(probs, similarity);
   const unknown = score != null && score < meta.abstain.threshold;
@@ -92,7 +103,9 @@ document.getElementById("file").addEventListener("change", async (event) => {
     const output = await session.run({ [session.inputNames[0]]: toTensor(bitmap) });
     const similarity = output.similarity ? output.similarity.data[0] : null;
     show(Array.from(output[session.outputNames[0]].data), similarity);
-    statusEl.textContent = resultEl.dataset.unknown === "true"
+    statusEl.textContent = meta.thresholds != null
+      ? (resultEl.dataset.answer ? `labels: ${resultEl.dataset.answer}` : "no label reaches its threshold")
+      : resultEl.dataset.unknown === "true"
       ? `unknown (score ${resultEl.dataset.score.slice(0, 5)}): none of the classes fits well`
       : `top class: ${resultEl.dataset.top}`;
   } catch (e) {
