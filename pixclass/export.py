@@ -201,10 +201,12 @@ class Verification:
     n_held_out: int = 0  # of those, the held-out ones that accuracy is scored on
     # the feature similarity (abstain knn_similarity) of an export that answers it, against PyTorch's
     max_similarity_diff: float | None = None
+    multilabel: bool = False  # the answers compared are label sets, not top classes
 
     def rows(self) -> list[tuple[str, str]]:
         return [("format", self.format), ("file", self.path), ("images", f"{self.n} ({self.n_held_out} held out)"),
-                ("top-1 agreement", f"{self.agreement:.4f} (needs >= {self.threshold})"),
+                ("label-set agreement" if self.multilabel else "top-1 agreement",
+                 f"{self.agreement:.4f} (needs >= {self.threshold})"),
                 ("max |probability difference|", f"{self.max_prob_diff:.2e}"),
                 *([("max |similarity difference|", f"{self.max_similarity_diff:.2e}")]
                   if self.max_similarity_diff is not None else []),
@@ -238,7 +240,7 @@ def verify(reference: Backend, exported: Backend, path: Path, fmt: str, inputs: 
                         _share_equal(answers(ref[:held]), truth), _share_equal(answers(got[:held]), truth),
                         Path(path).stat().st_size / 2**20, _latency_ms(exported.probabilities, inputs[:1]),
                         _latency_ms(reference.probabilities, inputs[:1]), len(inputs), threshold,
-                        agreement >= threshold, held, similarity_diff)
+                        agreement >= threshold, held, similarity_diff, reference.multilabel)
 
 
 def _answers(probs: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
