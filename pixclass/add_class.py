@@ -3,8 +3,11 @@
 A model the few-shot recipe fitted answers through one `NormalizedLinear` head on the backbone's
 unit-norm embedding: one row per class. The new class gets one more row, the mean embedding of
 its folder's images (unit norm, times the scale of the existing rows), and every existing row is
-left exactly as it was, so an image of an old class keeps its scores for the old classes. The
-result is written as a new model folder; the original is not touched."""
+left exactly as it was, so an image of an old class keeps its scores for the old classes. A model
+that answers "unknown" by its images' distance to a bank of training features (feature_bank.py)
+gets the new images' embeddings added to the bank, else every image of the new class would be
+answered "unknown"; the threshold stays the one fitted on the old classes. The result is written
+as a new model folder; the original is not touched."""
 
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def add_class(model_dir: Path, folder: Path, name: str | None = None, out: Path 
     metrics = {k: v for k, v in art.metrics.items() if k.startswith(("loo_", "fewshot_"))}
     metrics["added_classes"] = list(art.metrics.get("added_classes", [])) + [
         {"name": name, "images": len(embedded.paths), "from": str(folder)}]
-    new = dataclasses.replace(art, arch={**art.arch, "kwargs": kwargs}, classes=art.classes + [name], metrics=metrics)
+    new = dataclasses.replace(art, arch={**art.arch, "kwargs": kwargs}, classes=art.classes + [name], metrics=metrics,
+                              feature_bank=_extended_bank(art.feature_bank, embedded.embeddings))
     artifact_io.save(new, out)
     return {"model_dir": str(out), "classes": new.classes, "added": name, "images": len(embedded.paths),
             "skipped_files": [str(p) for p, _ in embedded.failures]}
@@ -65,6 +69,15 @@ def _extended_head(head: NormalizedLinear, embeddings: np.ndarray) -> Normalized
         extended.weight.copy_(torch.cat([weight, row[None]]))
         extended.bias.copy_(torch.cat([bias, bias.mean()[None]]))
     return extended
+
+
+def _extended_bank(bank: torch.Tensor | None, embeddings: np.ndarray) -> torch.Tensor | None:
+    """The feature bank with the new images' unit-norm embeddings (the head's input, as the bank
+    holds) appended; None stays None."""
+    if bank is None:
+        return None
+    rows = torch.nn.functional.normalize(torch.from_numpy(embeddings).float(), dim=1)
+    return torch.cat([bank, rows.to(bank.dtype)])
 
 
 def _slug(name: str) -> str:

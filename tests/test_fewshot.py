@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pixclass import artifact as artifact_io
 from pixclass.cli import main
 from pixclass.predict import Predictor
 
@@ -80,6 +81,12 @@ def test_add_class_adds_a_class_and_keeps_the_old_ones(fewshot_run, tmp_path, ca
     assert (p_new[:, :2].argmax(1) == p_old.argmax(1)).all()
     fresh = make_shapes(tmp_path / "fresh", per_class=6, seed=11, classes=("triangle",), size=SIZE) / "triangle"
     assert (new.probabilities(sorted(fresh.iterdir())).argmax(1) == 2).mean() >= 0.5
+    # the unknown answer's feature bank grew by the new images: a triangle the model was given is
+    # not "unknown" to it (its own embedding is in the bank)
+    old_art, new_art = artifact_io.load(summary["model_dir"]), artifact_io.load(out)
+    assert old_art.abstain.method == "knn_similarity" and len(new_art.feature_bank) == len(old_art.feature_bank) + 6
+    answers, _ = new.predict_files(sorted(triangles.iterdir()))
+    assert [a["answer"] for a in answers] == ["triangle"] * 6
     assert (Path(summary["model_dir"]) / "pixclass.json").read_text().count("triangle") == 0
 
 
