@@ -47,9 +47,11 @@ class Abstain:
             return None
         return cls(**{**d, "fallback": cls.from_dict(d.get("fallback"))})
 
-    def for_probabilities(self) -> "Abstain | None":
-        """The threshold a reader with the probabilities alone applies (None: it never abstains)."""
-        return self if self.method == "max_probability" else self.fallback
+    def applied(self, with_similarity: bool) -> "Abstain | None":
+        """The threshold a reader applies: this one, or for a reader without the feature
+        similarities (the probabilities alone) a knn_similarity threshold's max_probability
+        fallback (None: it never abstains)."""
+        return self if with_similarity or self.method == "max_probability" else self.fallback
 
     def scores(self, probs: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
         """N scores, higher for images more like the training data."""
@@ -58,10 +60,10 @@ class Abstain:
     def unknown(self, probs: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
         """Probabilities N x K (and the similarities N its method needs) -> N booleans: below the
         threshold. Without similarities a knn_similarity threshold answers with its fallback."""
-        if similarity is None and self.method != "max_probability":
-            fallback = self.for_probabilities()
-            return fallback.unknown(probs) if fallback else np.zeros(len(probs), bool)
-        return self.scores(probs, similarity) < self.threshold
+        applied = self.applied(similarity is not None)
+        if applied is None:
+            return np.zeros(len(probs), bool)
+        return applied.scores(probs, similarity) < applied.threshold
 
 
 def in_distribution_score(probs: np.ndarray, method: str = METHODS[0],

@@ -161,13 +161,11 @@ class ImageClassifier:
         """Top-k classes with probabilities: one list for one image, a list of lists for several. A
         multi-label model answers every label at or above its threshold instead (likeliest first,
         possibly none), in the same form."""
-        from .predict import top_k
+        from .predict import labels_above, top_k
         single = not isinstance(images, (list, tuple))
         probs = self.predict_proba(images)
-        thresholds = self.thresholds
-        if thresholds is not None:
-            out = [[c for c in top_k(row, self.classes, len(self.classes))
-                    if c["probability"] >= thresholds[self.classes.index(c["class"])]] for row in probs]
+        if self.thresholds is not None:
+            out = [labels_above(row, self.classes, self.thresholds) for row in probs]
         else:
             out = [top_k(row, self.classes, min(k, len(self.classes))) for row in probs]
         return out[0] if single else out

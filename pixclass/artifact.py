@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def _check_answers_one_score_per_class(model: nn.Module, preprocess: Preprocess,
 
 
 def _tapped_if_possible(model: nn.Module):
-    from contextlib import nullcontext
+    """feature_bank.tapped(model), or a capture that stays None for a network without a classifier layer."""
     try:
         classifier_layer(model)
     except ValueError:  # no classifier layer: no bank can fit

@@ -11,8 +11,8 @@ from pathlib import Path
 from .abstain import abstention_metrics
 from .artifact import Artifact
 from .data.loaders import load_split
-from .data.label_csv import is_label_csv, is_multilabel, read_label_csv
-from .data.scan import dataset_location, ignored_files_note, read_manifest, scan_class_folders
+from .data.label_csv import is_label_csv, read_label_csv
+from .data.scan import dataset_location, ignored_files_note, is_multilabel_dataset, read_manifest, scan_class_folders
 from .errors import DatasetError
 from .inference import Backend, TorchBackend, score_batches
 from .metrics import absent_classes_note, metrics_for
@@ -73,7 +73,7 @@ def labelled_files(root, art: Artifact, model_dir=None, reporter: Reporter | Non
     if pairs is None:
         per_class = scan_class_folders(root, ignored)
         pairs, what = [(p, c) for c, files in per_class.items() for p in files], f"all images in {root}"
-    if art.multilabel != (is_label_csv(root) and is_multilabel(read_label_csv(root))):
+    if art.multilabel != is_multilabel_dataset(root):
         raise DatasetError(f"the model is {art.task}, {root} is not: evaluate a multi-label model on a CSV with "
                            f"several space-separated labels per image, a single-label model on single labels")
     if art.multilabel:

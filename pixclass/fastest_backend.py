@@ -45,7 +45,7 @@ def answer_metadata(art, prefix: str = "", similarity: bool = True) -> dict[str,
     sigmoid per class) and a multi-label model's per-class thresholds (JSON; "null" otherwise).
     `similarity=False`: a graph with the probabilities alone (TFLite, Core ML), whose abstain
     threshold is the max_probability fallback."""
-    abstain = art.abstain if similarity or art.abstain is None else art.abstain.for_probabilities()
+    abstain = art.abstain.applied(similarity) if art.abstain is not None else None
     return {f"{prefix}tta": art.tta, f"{prefix}temperature": repr(float(art.temperature)),
             f"{prefix}abstain": json.dumps(abstain.to_dict() if abstain else None),
             f"{prefix}task": art.task, f"{prefix}thresholds": json.dumps(art.thresholds)}

@@ -28,8 +28,8 @@ from torch import nn
 from .abstain import Abstain
 from .data.transforms import Preprocess, batch_to_input
 from .errors import UserError, first_line
-from .tta import activation
 from .feature_bank import Scores
+from .tta import activation
 from .tta import probabilities as tta_probabilities
 
 

@@ -21,6 +21,12 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
     return [{"class": classes[i], "probability": float(probs[i])} for i in order]
 
 
+def labels_above(probs: np.ndarray, classes: list[str], thresholds: list[float]) -> list[dict]:
+    """A multi-label model's answer for one image: every class whose probability reaches its
+    threshold, likeliest first, with its probability."""
+    return [{"class": classes[i], "probability": float(probs[i])} for i in np.argsort(-probs) if probs[i] >= thresholds[i]]
+
+
 def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | None,
            thresholds: list[float] | None = None, similarity: float | None = None) -> dict:
     """One image's probabilities (and feature similarity, None where the backend has none) ->
@@ -30,13 +36,12 @@ def answer(probs: np.ndarray, classes: list[str], k: int, abstain: Abstain | Non
     class whose probability reaches its threshold (likeliest first), and "answer" those labels
     joined by spaces (empty for none)."""
     if thresholds is not None:
-        order = np.argsort(-probs)
-        labels = [classes[i] for i in order if probs[i] >= thresholds[i]]
+        labels = [c["class"] for c in labels_above(probs, classes, thresholds)]
         return {"answer": " ".join(labels), "labels": labels, "unknown": False, "score": None,
                 "top_k": top_k(probs, classes, k)}
     best = classes[int(np.argmax(probs))]
-    if abstain is not None and similarity is None:
-        abstain = abstain.for_probabilities()  # a knn_similarity threshold without the similarity
+    if abstain is not None:
+        abstain = abstain.applied(similarity is not None)
     if abstain is None:
         return {"answer": best, "unknown": False, "score": None, "top_k": top_k(probs, classes, k)}
     score = float(abstain.scores(probs[None], None if similarity is None else np.asarray([similarity]))[0])

@@ -146,8 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
                      digest=artifact_io.files_digest(settings.model))
         if log is not None:
             await loop.run_in_executor(None, log.start)
-        state["batcher"] = Batcher(lambda batch: per_image(*backend.scores_uint8(batch)), settings.max_batch, settings.batch_wait_ms / 1000,
-                                   on_batch=lambda n, s: batch_sizes.observe(n))
+        state["batcher"] = Batcher(lambda batch: per_image(*backend.scores_uint8(batch)), settings.max_batch,
+                                   settings.batch_wait_ms / 1000, on_batch=lambda n, s: batch_sizes.observe(n))
         state["batcher"].start()
         state["decoder"] = UploadDecoder(art.preprocess, settings.max_pixels, settings.request_pixels)
         pre = art.preprocess
