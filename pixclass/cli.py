@@ -264,7 +264,8 @@ def tune(
     result = run_tune(cfg, trials, budget, out, Reporter(quiet or as_json))
     if as_json:
         _print_json({"folder": str(result.folder), "best_config": str(result.best_config),
-                     "best_value": result.best_value, "best_trial": result.best_trial, "seconds": result.seconds,
+                     "best_value": result.best_value, "metric": result.metric, "best_trial": result.best_trial,
+                     "seconds": result.seconds,
                      "trials": result.trials})
     else:
         _print_trials(result)
@@ -274,17 +275,18 @@ def _print_trials(result, shown: int = 10) -> None:
     from rich.table import Table
 
     from .progress import console
-    from .train.tune import params_text
+    from .train.tune import METRIC_NAMES, params_text
+    metric = METRIC_NAMES[result.metric]
     done = sorted((t for t in result.trials if t["value"] is not None), key=lambda t: -t["value"])
     table = Table(title=f"best {min(shown, len(done))} of {len(result.trials)} trials")
-    for col in ("trial", "val accuracy", "seconds", "settings"):
+    for col in ("trial", metric, "seconds", "settings"):
         table.add_column(col, justify="left" if col == "settings" else "right")
     for t in done[:shown]:
         table.add_row(str(t["number"]), f"{t['value']:.4f}", f"{t['seconds'] or 0:.1f}", params_text(t["params"]))
     console.print(table)
     pruned = sum(t["state"] == "pruned" for t in result.trials)
     console.print(f"{len(result.trials)} trials ({pruned} pruned) in {result.seconds:.0f}s; best: trial "
-                  f"{result.best_trial}, val accuracy {result.best_value:.4f}\nstudy: {result.folder / 'tune.db'} "
+                  f"{result.best_trial}, {metric} {result.best_value:.4f}\nstudy: {result.folder / 'tune.db'} "
                   f"(optuna-dashboard opens it)\nbest config: {result.best_config} "
                   f"(pixclass train --config {result.best_config})", markup=False)
 

@@ -178,6 +178,22 @@ def _csv(tmp_path: Path, text: str, images=("a.png", "b.png", "c.png")) -> Path:
     return tmp_path / "labels.csv"
 
 
+@needs_cifar
+def test_tune_judges_multilabel_trials_by_validation_map(cifar_multilabel, tmp_path):
+    """Per-label yes/no accuracy rewards answering "no" everywhere; trials are picked by mAP, and
+    best.yaml reruns to the best trial's figure."""
+    r = run_cli("tune", str(cifar_multilabel), "--trials", "2", "--seed", "3", "--out", str(tmp_path / "t"), "--json")
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    assert found["metric"] == "val_map"
+    r = run_cli("train", "--config", str(tmp_path / "t" / "best.yaml"), "--out", str(tmp_path / "rerun"))
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "rerun" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert found["best_value"] == pytest.approx(max(float(row["val_map"]) for row in rows), abs=0.01)
+    assert found["best_value"] != pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
+
+
 def test_a_bad_multilabel_csv_is_one_error_line(tmp_path):
     csv_path = _csv(tmp_path, 'path,label,split\na.png,"x y",train\nb.png,x,val\nc.png,z,test\n')
     r = run_cli("train", str(csv_path), "--model", "classic-cnn", "--out", str(tmp_path / "run"))

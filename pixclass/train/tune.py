@@ -3,9 +3,9 @@
 Each trial trains in this process through the run's own code (`run.fit_in_process`: the same
 recipe, data preparation and model as `pixclass train`, without a run folder or report), on the
 feature cache the transfer recipe keeps, so a trial takes seconds. The TPE sampler (seeded)
-proposes the settings; every epoch's validation accuracy is reported to the trial, and the median
-pruner stops trials that fall behind. Trials are selected on the final model's validation
-accuracy, never on the test split. The study lives in RUN/tune.db (SQLite: optuna-dashboard opens
+proposes the settings; every epoch's validation score is reported to the trial, and the median
+pruner stops trials that fall behind. Trials are selected on the final model's validation score
+(accuracy; mAP for multi-label data), never on the test split. The study lives in RUN/tune.db (SQLite: optuna-dashboard opens
 it), and the best trial's config is RUN/best.yaml, which `pixclass train --config` reproduces:
 every trial trains deterministically from the recorded seed, with nothing left to the budget's
 plan."""
@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..extras import require
 from ..progress import Reporter
 from ..runs import claim_folder, claim_new_folder
+from .loop import MULTILABEL_MONITOR
 from .recipes import choose_recipe, validation_accuracy
 from .run import fit_in_process
 
@@ -38,6 +39,7 @@ class TuneResult:
     best_config: Path
     best_value: float
     best_trial: int
+    metric: str  # what best_value measures: a name from METRIC_NAMES
     trials: list[dict]  # number, state, value, params, seconds
     seconds: float
 
@@ -100,12 +102,15 @@ def tune(cfg: RunConfig, trials: int, budget_minutes: float | None = None, out: 
     started = time.perf_counter()
     quiet = Reporter(quiet=True)
 
+    metric = selection_metric(base)
+
     def objective(trial) -> float:
         trial_cfg = suggest(trial, base)
-        planned, result = fit_in_process(trial_cfg, quiet, hooks=[_ReportToTrial(trial, optuna)])
-        value = validation_accuracy(result)
+        planned, result = fit_in_process(trial_cfg, quiet, hooks=[_ReportToTrial(trial, optuna, metric)])
+        value = validation_accuracy(result) if metric == "val_accuracy" else \
+            max(r[metric] for r in result.history if r.get(metric) is not None)
         trial.set_user_attr("config", json.dumps(planned.to_dict()))
-        reporter.info(f"trial {trial.number}: val accuracy {value:.4f} ({params_text(trial.params)})")
+        reporter.info(f"trial {trial.number}: {METRIC_NAMES[metric]} {value:.4f} ({params_text(trial.params)})")
         return value
 
     with reporter.bar("trials", trials) as bar:
@@ -119,20 +124,32 @@ def tune(cfg: RunConfig, trials: int, budget_minutes: float | None = None, out: 
     RunConfig.from_dict(json.loads(best.user_attrs["config"])).save_yaml(best_path)
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
              "seconds": t.duration.total_seconds() if t.duration else None} for t in study.trials]
-    return TuneResult(folder.path, best_path, best.value, best.number, rows, round(time.perf_counter() - started, 1))
+    return TuneResult(folder.path, best_path, best.value, best.number, metric, rows,
+                      round(time.perf_counter() - started, 1))
+
+
+METRIC_NAMES = {"val_accuracy": "val accuracy", MULTILABEL_MONITOR: "val mAP"}
+
+
+def selection_metric(cfg: RunConfig) -> str:
+    """The history column trials are judged by: validation mAP for multi-label data (what picks a
+    multi-label run's checkpoint; its val_accuracy counts right yes/no answers per label, which
+    answering "no" everywhere makes high), else validation accuracy."""
+    from ..data.scan import is_multilabel_dataset
+    return MULTILABEL_MONITOR if is_multilabel_dataset(cfg.data.path) else "val_accuracy"
 
 
 class _ReportToTrial:
-    """A Trainer hook: every epoch's validation accuracy to the trial (step: the run's epoch
-    number, counted over its phases); the trial stops (optuna.TrialPruned) when the pruner says."""
+    """A Trainer hook: every epoch's validation score to the trial (step: the run's epoch number,
+    counted over its phases); the trial stops (optuna.TrialPruned) when the pruner says."""
 
-    def __init__(self, trial, optuna):
-        self.trial, self.optuna = trial, optuna
+    def __init__(self, trial, optuna, metric: str = "val_accuracy"):
+        self.trial, self.optuna, self.metric = trial, optuna, metric
 
     def after_epoch(self, trainer, row: dict, last: bool) -> None:
-        if row.get("val_accuracy") is None:
+        if row.get(self.metric) is None:
             return
-        self.trial.report(row["val_accuracy"], row["epoch"])
+        self.trial.report(row[self.metric], row["epoch"])
         if self.trial.should_prune():
             raise self.optuna.TrialPruned()
 
