@@ -41,6 +41,25 @@ def test_whitening_stays_float32_under_bfloat16_autocast():
     assert torch.allclose(seen["out"], exact, atol=1e-5)
 
 
+def test_translations_are_crops_of_the_reflect_padded_images():
+    """Each batch is padded on its own (no padded copy of the training set is kept): every crop is
+    one of the (2 * shift + 1)^2 windows of that image padded by reflection, at a drawn offset."""
+    import torch.nn.functional as F
+
+    from pixclass.train.recipes.fast import _crops
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    idx = torch.tensor([7, 3, 3, 49, 0])
+    crops = _crops(images, idx, 8, 2, torch.Generator().manual_seed(0))
+    padded = F.pad(images, (2,) * 4, mode="reflect")
+    offsets = set()
+    for crop, i in zip(crops, idx):
+        windows = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(crop, padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert windows, "a crop is not a window of its padded image"
+        offsets.add(windows[0])
+    assert len(offsets) > 1  # offsets are drawn per image
+
+
 def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
     data = make_shapes(tmp_path / "shapes", per_class=40)
     proc = run_cli("train", data, "--recipe", "fast", "--epochs", "4", "--image-size", "32", "--out", tmp_path / "r",
@@ -63,6 +82,36 @@ def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
     probs = model.predict_proba([data / row[0] for row in held])
     labels = np.array([model.classes.index(row[1]) for row in held])
     assert float((probs.argmax(1) == labels).mean()) == m["accuracy"]
+
+
+def test_images_beyond_their_memory_share_are_read_from_the_cache_and_train_the_same_model(tmp_path, monkeypatch):
+    """A --max-memory too small to hold the decoded images: they are read from the decoded-image
+    cache batch by batch, and the run trains exactly the model the held images train."""
+    monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_shapes(tmp_path / "shapes", per_class=40)
+    args = ["train", data, "--recipe", "fast", "--epochs", "2", "--image-size", "32", "--json"]
+    held = run_cli(*args, "--out", tmp_path / "held")
+    on_disk = run_cli(*args, "--max-memory", "0.0001", "--out", tmp_path / "disk")
+    assert held.returncode == 0 and on_disk.returncode == 0, held.stderr + on_disk.stderr
+    assert "read from the cache per batch" in on_disk.stderr and "read from the cache per batch" not in held.stderr
+    weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("held", "disk")]
+    assert weights[0] == weights[1]
+    assert json.loads(held.stdout)["metrics"]["accuracy"] == json.loads(on_disk.stdout)["metrics"]["accuracy"]
+
+
+def test_a_damaged_decoded_image_cache_is_decoded_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_shapes(tmp_path / "shapes", per_class=10)
+    args = ["train", data, "--model", "classic-cnn", "--epochs", "1", "--image-size", "32", "--augment", "none"]
+    assert run_cli(*args, "--out", tmp_path / "a").returncode == 0
+    shards = sorted((tmp_path / "cache" / "images").glob("*/*.safetensors"))
+    assert shards
+    with open(shards[0], "r+b") as f:  # cut short, as a disk filling up mid-write would leave it
+        f.truncate(f.seek(0, 2) // 2)
+    again = run_cli(*args, "--out", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    assert "damaged decoded-image cache" in again.stderr
+    assert again.stderr.count("decoded images from the cache") == 2  # the two intact splits
 
 
 def test_wide_network_has_airbench95_sizes_and_rebuilds_from_its_arch():

@@ -1,14 +1,18 @@
 """Batches of uint8 images for training and evaluation.
 
-Datasets whose decoded, resized pixels fit in `max_memory_gb` are decoded once into one uint8
-tensor (the decode cost is paid once, not every epoch); augmentation then runs on whole batches
-of tensors. Larger datasets stream through DataLoader workers that decode on the fly. Either way a
-file that cannot be decoded is reported and skipped, never a crash mid-epoch."""
+Every split is decoded and resized once, into the decoded-image cache's shards (the decode cost
+is paid once per dataset, not every epoch). A split whose pixels fit in its share of
+`max_memory_gb` is then held as one uint8 tensor; a larger one is read from the shards batch by
+batch (data/rows_on_disk.py), so memory stays flat in the dataset's size. Augmentation runs on
+whole batches of tensors. Only where the cache cannot be written does a large split stream
+through DataLoader workers that decode every epoch. Either way a file that cannot be decoded is
+reported and skipped, never a crash mid-epoch."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +112,8 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
                     good[i] = True
             bar.advance(len(chunk))
     idx = good.nonzero().flatten()
-    return images[idx], idx, failures
+    # indexing copies: with every file good (the usual case) the tensor is already what is returned
+    return (images if len(idx) == n else images[idx]), idx, failures
 
 
 def epoch_order(n: int, shuffle: bool, generator: torch.Generator | None,
@@ -148,7 +153,8 @@ class SplitData:
 
 
 class StreamingSplit:
-    """A split too large for memory: decoded by DataLoader workers every epoch."""
+    """A split too large for memory where the decoded-image cache cannot be written: decoded by
+    DataLoader workers every epoch."""
 
     def __init__(self, paths: list[Path], labels: list[int], pre: Preprocess):
         self.paths, self.labels_list, self.pre = list(paths), list(labels), pre
@@ -176,43 +182,136 @@ def fits_in_memory(n: int, pre: Preprocess, max_memory_gb: float) -> bool:
     return n * pre.channels * pre.size * pre.size <= max_memory_gb * 2**30
 
 
-def _cached_decode(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str):
-    """decode_all, through an on-disk cache keyed by every file's content and the preprocessing:
-    the second run on the same images skips decoding; any changed file gives a new key."""
+# what decoded images may take of data.max_memory_gb in memory; a split above it is read from the
+# decoded-image cache batch by batch (rows_on_disk.py), so what a run holds stays flat in the
+# dataset's size (reading a batch's rows costs milliseconds against seconds of training on it)
+IMAGE_SHARE = 0.125
+# the cache's shards: written one at a time as decoding goes, so decoding holds one of them
+SHARD_BYTES = 64 * 2**20
+CONTENTS = "contents.json"  # written last: a folder without it was never finished
+
+
+def _open_cached(folder: Path, paths: list[Path], reporter: Reporter, what: str):
+    """(ImageRows of the good files, their indices, [(path, reason)] of the bad ones) from a
+    finished cache folder; None when there is none or it is damaged (it is decoded again)."""
+    import numpy as np
+
+    from .rows_on_disk import ImageRows, safetensors_offsets
+    if not (folder / CONTENTS).is_file():
+        return None
+    try:
+        contents = json.loads((folder / CONTENTS).read_text())
+        image_shape = tuple(contents["shape"])
+        row_bytes = int(np.prod(image_shape))
+        files, where, offsets = [], [], []
+        for number, (name, count) in enumerate(contents["shards"]):
+            starts, entries = safetensors_offsets(folder / name)
+            if entries["images"] != ("U8", (count, *image_shape)):
+                raise ValueError(f"shard {name} holds {entries['images']}")
+            if (folder / name).stat().st_size < starts["images"] + count * row_bytes:
+                raise ValueError(f"shard {name} is cut short")
+            files.append(folder / name)
+            where.append(np.full(count, number, np.int32))
+            offsets.append(starts["images"] + np.arange(count, dtype=np.int64) * row_bytes)
+        rows = ImageRows(files, np.concatenate(where) if where else np.zeros(0, np.int32),
+                         np.concatenate(offsets) if offsets else np.zeros(0, np.int64), image_shape)
+        if len(rows) != len(contents["index"]):
+            raise ValueError(f"{len(rows)} images for {len(contents['index'])} files")
+        failures = [(paths[i], reason) for i, reason in contents["failures"]]
+    except Exception as e:  # damaged: decoded again
+        reporter.warn(f"damaged decoded-image cache {folder} ({first_line(e)}); decoding again")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    reporter.info(f"{what}: {len(paths)} decoded images from the cache")
+    return rows, torch.tensor(contents["index"], dtype=torch.long), failures
+
+
+def _decode_into(folder: Path, paths: list[Path], pre: Preprocess, reporter: Reporter, what: str) -> None:
+    """Decode every file into the cache folder's shards, a shard at a time; the folder appears
+    whole or not at all (built under another name, then renamed)."""
+    from safetensors.torch import save_file
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    image_shape = (pre.channels, pre.size, pre.size)
+    shard = torch.empty((max(1, SHARD_BYTES // (pre.channels * pre.size * pre.size)), *image_shape),
+                        dtype=torch.uint8)
+    shards, good, failures, filled = [], [], [], 0
+
+    def flush():
+        name = f"{len(shards):05d}.safetensors"
+        save_file({"images": shard[:filled].contiguous()}, str(tmp / name))
+        shards.append((name, filled))
+
+    try:
+        with reporter.bar(what, len(paths)) as bar:
+            for chunk in DecodeAhead(paths, pre, batch_size=64, max_bytes=0, min_files_for_workers=512):
+                for i, img, reason in chunk:
+                    if img is None:
+                        failures.append((i, reason))
+                        continue
+                    shard[filled] = img
+                    filled += 1
+                    good.append(i)
+                    if filled == len(shard):
+                        flush()
+                        filled = 0
+                bar.advance(len(chunk))
+        if filled:
+            flush()
+        (tmp / CONTENTS).write_text(json.dumps({"shape": image_shape, "shards": shards, "index": good,
+                                                "failures": failures}))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same images first: theirs is used
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_decode(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str, hold: bool):
+    """(images, indices of the good files, [(path, reason)] of the bad ones), decoded once into an
+    on-disk cache keyed by every file's content and the preprocessing: the second run on the same
+    images skips decoding, and any changed file gives a new key. `hold`: the images as one uint8
+    tensor in memory; else ImageRows that read them from the cache when indexed. None when they
+    are not to be held and the cache cannot be written (the caller streams them instead)."""
     from ..cache import cache_root, digest, file_digest
     key = digest(pre.to_dict(), [file_digest(p) for p in paths])
-    path = cache_root() / "images" / f"{key}.safetensors"
-    if path.is_file():
+    folder = cache_root() / "images" / key
+    cached = _open_cached(folder, paths, reporter, what)
+    if cached is None:
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), "pt") as f:
-                failures = [(paths[i], reason) for i, reason in json.loads(f.metadata()["failures"])]
-                images, idx = f.get_tensor("images"), f.get_tensor("index")
-            reporter.info(f"{what}: {len(paths)} decoded images from the cache")
-            return images, idx, failures
-        except Exception as e:  # damaged: decode again
-            reporter.warn(f"damaged decoded-image cache {path} ({first_line(e)}); decoding again")
-    images, idx, failures = decode_all(paths, pre, reporter, what)
-    try:
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        position = {p: i for i, p in enumerate(paths)}
-        save_file({"images": images.contiguous(), "index": idx.contiguous()}, str(tmp),
-                  metadata={"failures": json.dumps([(position[p], r) for p, r in failures])})
-        os.replace(tmp, path)
-    except OSError as e:  # a full or read-only disk costs the cache, not the run
-        reporter.warn(f"could not write the decoded-image cache: {e}")
-    return images, idx, failures
+            _decode_into(folder, paths, pre, reporter, what)
+        except OSError as e:  # a full or read-only disk costs the cache, not the run
+            reporter.warn(f"could not write the decoded-image cache: {e}")
+            return decode_all(paths, pre, reporter, what) if hold else None
+        cached = _open_cached(folder, paths, Reporter(quiet=True), what)
+        if cached is None:
+            return decode_all(paths, pre, reporter, what) if hold else None
+    rows, idx, failures = cached
+    if hold:
+        images = rows[:]
+        rows.source.close()
+        return images, idx, failures
+    return rows, idx, failures
 
 
 def load_split(paths: list[Path], labels: list[int], pre: Preprocess, reporter: Reporter,
                max_memory_gb: float = 4.0, what: str = "decoding"):
-    """Returns (SplitData or StreamingSplit, failures)."""
-    if not fits_in_memory(len(paths), pre, max_memory_gb):
-        reporter.info(f"{what}: {len(paths)} images do not fit in {max_memory_gb} GB; streaming from disk")
+    """Returns (SplitData or StreamingSplit, failures). The images of a SplitData are held in memory
+    up to IMAGE_SHARE of `max_memory_gb`, read from the decoded-image cache per batch above it."""
+    nbytes = len(paths) * pre.channels * pre.size * pre.size
+    limit = max_memory_gb * IMAGE_SHARE
+    hold = nbytes <= limit * 2**30
+    decoded = _cached_decode(paths, pre, reporter, what, hold)
+    if decoded is None:
+        reporter.info(f"{what}: {len(paths)} images are more than {limit:g} GB and the decoded-image cache "
+                      f"cannot hold them; decoding them again every epoch")
         return StreamingSplit(paths, labels, pre), []
-    images, idx, failures = _cached_decode(paths, pre, reporter, what)
+    images, idx, failures = decoded
+    if not hold:
+        reporter.info(f"{what}: {nbytes / 2**30:.2g} GB of decoded images, read from the cache per batch "
+                      f"(more than {limit:g} GB, {IMAGE_SHARE:g} of --max-memory {max_memory_gb:g})")
     kept = idx.tolist()
     return SplitData(images, label_tensor([labels[i] for i in kept]), [paths[i] for i in kept]), failures
 

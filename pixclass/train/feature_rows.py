@@ -3,17 +3,12 @@ read batch by batch, so training holds a batch of features, not the dataset's.
 
 The entries sit in the feature cache's safetensors shards, or in a scratch file of rows (the
 pooled features the head trains on). A batch's entries are read at their offsets straight into
-the batch's tensor and converted to float32 per batch. Read, not memory-mapped: pages touched
-through a map count in the process's resident set until it is unmapped, so an epoch over a mapped
-cache would show the whole cache as resident; pages read stay in the kernel's page cache, which
-it hands back under pressure. Where a split fits in what the run may hold (memory_plan.py) it is
+the batch's tensor (data/rows_on_disk.py: read, not memory-mapped, and why) and converted to
+float32 per batch. Where a split fits in what the run may hold (memory_plan.py) it is
 loaded once and indexed in memory instead, as fast as before."""
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -21,27 +16,14 @@ import numpy as np
 import torch
 
 from ..data.loaders import batch_indices
+from ..data.rows_on_disk import EntryFiles
 
 SAFETENSORS_DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}
-
-
-def safetensors_offsets(path: Path) -> tuple[dict[str, int], dict[str, tuple]]:
-    """{key: byte offset of its data in the file}, {key: (dtype name, shape)}, from the header
-    the safetensors format puts first (8-byte little-endian length, then JSON)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    start = 8 + length
-    return ({k: start + v["data_offsets"][0] for k, v in header.items()},
-            {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()})
 
 
 class FeatureRows:
     """Features of one split: `files[where[i, v]]` holds image i's view v at `offsets[i, v]`.
     Quacks like SplitData for the trainer: len, labels, paths, batches()."""
-
-    max_open_files = 256  # descriptors kept open between batches (a large cache has hundreds of shards)
 
     def __init__(self, files: list, where: np.ndarray, offsets: np.ndarray, shape: tuple, dtype: torch.dtype,
                  labels: torch.Tensor, paths: list):
@@ -49,7 +31,7 @@ class FeatureRows:
         self.shape, self.dtype = tuple(shape), dtype
         self.labels, self.paths = labels, list(paths)
         self.held: torch.Tensor | None = None
-        self._fds: dict[int, int] = {}
+        self.source = EntryFiles(self.files)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,34 +68,11 @@ class FeatureRows:
         if out.numel() == 0:
             return out
         flat = out.view(len(rows) * self.views, -1).view(torch.uint8).numpy()
-        files, offsets = self.where[rows].ravel(), self.offsets[rows].ravel()
-        for k in np.lexsort((offsets, files)):  # in file order: neighbouring entries read one after another
-            _read_exactly(self._fd(int(files[k])), flat[k], int(offsets[k]), self.files[int(files[k])])
+        self.source.read(self.where[rows].ravel(), self.offsets[rows].ravel(), flat)
         return out
 
-    def _fd(self, i: int) -> int:
-        if i not in self._fds:
-            if len(self._fds) >= self.max_open_files:
-                self.close()
-            source = self.files[i]
-            if hasattr(source, "fileno"):  # a scratch file this split owns: read through its own descriptor
-                return source.fileno()
-            self._fds[i] = os.open(source, os.O_RDONLY)
-        return self._fds[i]
-
     def close(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-        self._fds = {}
-
-    def __del__(self):
-        self.close()
-
-
-def _read_exactly(fd: int, buffer: np.ndarray, offset: int, name) -> None:
-    n = os.preadv(fd, [buffer], offset)
-    if n != buffer.nbytes:  # the file changed under the run (a cache cleared meanwhile)
-        raise OSError(f"feature file {name} ended early (read {n} of {buffer.nbytes} bytes at {offset})")
+        self.source.close()
 
 
 def rows_from_batches(batches, labels: torch.Tensor, paths: list, hold: bool, scratch_dir: Path) -> FeatureRows:

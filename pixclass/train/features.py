@@ -22,10 +22,11 @@ from torch import nn
 
 from ..cache import cache_root, digest, file_digest
 from ..data.loaders import DecodeAhead
+from ..data.rows_on_disk import safetensors_offsets
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import first_line
 from ..progress import Reporter, warn
-from .feature_rows import SAFETENSORS_DTYPES, FeatureRows, safetensors_offsets
+from .feature_rows import SAFETENSORS_DTYPES, FeatureRows
 
 # how the cache stores features: float16 halves the disk, the reads and what a held split takes;
 # its rounding is a relative 2**-11 of each value

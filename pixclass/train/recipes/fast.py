@@ -63,15 +63,18 @@ def _standardize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def _crops(padded: torch.Tensor, idx: torch.Tensor, size: int, shift: int, g: torch.Generator) -> torch.Tensor:
-    """Random size x size crops (one offset per image) of reflect-padded uint8 images."""
+def _crops(images: torch.Tensor, idx: torch.Tensor, size: int, shift: int, g: torch.Generator) -> torch.Tensor:
+    """Random size x size crops (one offset per image) of the images at `idx`, reflect-padded by
+    `shift`. Padded per batch, not once for the whole set: a padded copy of every training image
+    would hold (1 + 2 * shift / size)^2 times their memory again for the whole run."""
+    padded = F.pad(images[idx], (shift,) * 4, mode="reflect")
     n = len(idx)
     dy = torch.randint(0, 2 * shift + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * shift + 1, (n,), generator=g)
     rows = (dy[:, None] + torch.arange(size))[:, None, :, None]  # n x 1 x size x 1
     cols = (dx[:, None] + torch.arange(size))[:, None, None, :]  # n x 1 x 1 x size
     chans = torch.arange(padded.shape[1])[None, :, None, None]
-    return padded[idx[:, None, None, None], chans, rows, cols]
+    return padded[torch.arange(n)[:, None, None, None], chans, rows, cols]
 
 
 class Lookahead:
@@ -163,8 +166,9 @@ class FastRecipe(Recipe):
 
     def fit(self, job: Job) -> FitResult:
         if not isinstance(job.data.train, SplitData):
-            raise UserError("--recipe fast keeps the training images in memory; raise data.max_memory_gb "
-                            "or use smaller images")
+            raise UserError("--recipe fast reads the training images from memory or from the decoded-image cache, "
+                            "and the cache could not be written (see the warning above): free disk space in "
+                            "PIXCLASS_CACHE_DIR or raise --max-memory")
         hyp = hyper_for(job.arch["name"])
         epochs = job.cfg.train.epochs
         # with the epochs left to the budget, the schedule shortens itself to fit (see fit_fast)
@@ -200,7 +204,6 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     torch.manual_seed(seed)
     model.init_whitening(_standardize(train.images[torch.randperm(n, generator=g)[:5000]], pre))
     model.to(memory_format=torch.channels_last)
-    padded = F.pad(train.images, (hyp.translate,) * 4, mode="reflect") if hyp.translate else train.images
     optimizer = torch.optim.SGD(_param_groups(model, hyp, batch_size), momentum=hyp.momentum, nesterov=True)
     loss_fn = nn.CrossEntropyLoss(weight=balance.loss_weights(), label_smoothing=hyp.label_smoothing, reduction="sum")
     sample_weights = balance.sample_weights(train.labels)
@@ -223,7 +226,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         with reporter.bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch * batch_size, stats=True) as bar:
             for b in range(steps_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                x = _crops(padded, idx, size, hyp.translate, g) if hyp.translate else train.images[idx]
+                x = _crops(train.images, idx, size, hyp.translate, g) if hyp.translate else train.images[idx]
                 x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
                 x = _standardize(x, pre)
                 y = train.labels[idx]
