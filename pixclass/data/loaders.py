@@ -182,10 +182,11 @@ def fits_in_memory(n: int, pre: Preprocess, max_memory_gb: float) -> bool:
     return n * pre.channels * pre.size * pre.size <= max_memory_gb * 2**30
 
 
-# what decoded images may take of data.max_memory_gb in memory; a split above it is read from the
-# decoded-image cache batch by batch (rows_on_disk.py), so what a run holds stays flat in the
-# dataset's size (reading a batch's rows costs milliseconds against seconds of training on it)
-IMAGE_SHARE = 0.125
+# what one split's decoded images may take of data.max_memory_gb in memory (0.25 GB of the
+# default 4: 80k images of 32 px, 1,700 of 224 px); a larger split is read from the decoded-image
+# cache batch by batch (rows_on_disk.py), so what a run holds stays flat in the dataset's size:
+# reading a batch's rows from the page cache costs milliseconds against seconds of training on it
+IMAGE_SHARE = 1 / 16
 # the cache's shards: written one at a time as decoding goes, so decoding holds one of them
 SHARD_BYTES = 64 * 2**20
 CONTENTS = "contents.json"  # written last: a folder without it was never finished
@@ -311,7 +312,7 @@ def load_split(paths: list[Path], labels: list[int], pre: Preprocess, reporter: 
     images, idx, failures = decoded
     if not hold:
         reporter.info(f"{what}: {nbytes / 2**30:.2g} GB of decoded images, read from the cache per batch "
-                      f"(more than {limit:g} GB, {IMAGE_SHARE:g} of --max-memory {max_memory_gb:g})")
+                      f"(more than {limit:g} GB, 1/{round(1 / IMAGE_SHARE)} of --max-memory {max_memory_gb:g})")
     kept = idx.tolist()
     return SplitData(images, label_tensor([labels[i] for i in kept]), [paths[i] for i in kept]), failures
 

@@ -5,10 +5,10 @@ recipe, data preparation and model as `pixclass train`, without a run folder or 
 feature cache the transfer recipe keeps, so a trial takes seconds. The TPE sampler (seeded)
 proposes the settings; every epoch's validation score is reported to the trial, and the median
 pruner stops trials that fall behind. Trials are selected on the final model's validation score
-(accuracy; mAP for multi-label data), never on the test split. The study lives in RUN/tune.db (SQLite: optuna-dashboard opens
-it), and the best trial's config is RUN/best.yaml, which `pixclass train --config` reproduces:
-every trial trains deterministically from the recorded seed, with nothing left to the budget's
-plan."""
+(accuracy; mAP for multi-label data), never on the test split. The study lives in RUN/tune.db
+(SQLite: optuna-dashboard opens it), and the best trial's config is RUN/best.yaml, which
+`pixclass train --config` reproduces: every trial trains deterministically from the recorded
+seed, with nothing left to the budget's plan."""
 
 from __future__ import annotations
 
