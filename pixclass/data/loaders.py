@@ -95,6 +95,15 @@ class DecodeAhead:
         self._batches = None
 
 
+def _decoded_items(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str):
+    """(index, uint8 image or None, reason) of every file in order, decoded by workers ahead of
+    the caller, with a progress bar."""
+    with reporter.bar(what, len(paths)) as bar:
+        for chunk in DecodeAhead(paths, pre, batch_size=64, max_bytes=0, min_files_for_workers=512):
+            yield from chunk
+            bar.advance(len(chunk))
+
+
 def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str = "decoding"):
     """Decode every file once. Returns (uint8 N x C x H x W of the good files, their indices,
     [(path, reason)] of the bad ones)."""
@@ -102,15 +111,12 @@ def decode_all(paths: list[Path], pre: Preprocess, reporter: Reporter, what: str
     images = torch.empty((n, pre.channels, pre.size, pre.size), dtype=torch.uint8)
     good = torch.zeros(n, dtype=torch.bool)
     failures = []
-    with reporter.bar(what, n) as bar:
-        for chunk in DecodeAhead(paths, pre, batch_size=64, max_bytes=0, min_files_for_workers=512):
-            for i, img, reason in chunk:
-                if img is None:
-                    failures.append((paths[i], reason))
-                else:
-                    images[i] = img
-                    good[i] = True
-            bar.advance(len(chunk))
+    for i, img, reason in _decoded_items(paths, pre, reporter, what):
+        if img is None:
+            failures.append((paths[i], reason))
+        else:
+            images[i] = img
+            good[i] = True
     idx = good.nonzero().flatten()
     # indexing copies: with every file good (the usual case) the tensor is already what is returned
     return (images if len(idx) == n else images[idx]), idx, failures
@@ -245,19 +251,16 @@ def _decode_into(folder: Path, paths: list[Path], pre: Preprocess, reporter: Rep
         shards.append((name, filled))
 
     try:
-        with reporter.bar(what, len(paths)) as bar:
-            for chunk in DecodeAhead(paths, pre, batch_size=64, max_bytes=0, min_files_for_workers=512):
-                for i, img, reason in chunk:
-                    if img is None:
-                        failures.append((i, reason))
-                        continue
-                    shard[filled] = img
-                    filled += 1
-                    good.append(i)
-                    if filled == len(shard):
-                        flush()
-                        filled = 0
-                bar.advance(len(chunk))
+        for i, img, reason in _decoded_items(paths, pre, reporter, what):
+            if img is None:
+                failures.append((i, reason))
+                continue
+            shard[filled] = img
+            filled += 1
+            good.append(i)
+            if filled == len(shard):
+                flush()
+                filled = 0
         if filled:
             flush()
         (tmp / CONTENTS).write_text(json.dumps({"shape": image_shape, "shards": shards, "index": good,

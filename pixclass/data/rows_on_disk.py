@@ -84,12 +84,8 @@ class ImageRows:
         return len(self.offsets)
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple:  # what channel_stats reads of a held tensor
         return (len(self), *self.image_shape)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self) * int(np.prod(self.image_shape))
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
