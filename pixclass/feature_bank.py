@@ -64,8 +64,17 @@ def views_and_features(model: nn.Module, x: torch.Tensor, tta: str = "none") -> 
 
 def nearest_similarity(features: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Normalized features V x N x D, bank M x D -> N: cosine similarity to the nearest bank row,
-    averaged over the views."""
+    averaged over the views. One expression, so that an export traces it for any batch size."""
     return (features @ bank.T).max(dim=-1).values.mean(0)
+
+
+def nearest_similarity_in_chunks(features: torch.Tensor, bank: torch.Tensor, max_elements: int = 2**24) -> torch.Tensor:
+    """nearest_similarity of a whole split, its V x rows x M similarities formed `max_elements` at
+    a time (64 MB of float32): at once they would be 1 GB for 30,000 validation images, two views
+    and a full bank, the largest allocation of a whole run."""
+    rows = max(1, max_elements // max(1, features.shape[0] * len(bank)))
+    parts = [nearest_similarity(features[:, start:start + rows], bank) for start in range(0, features.shape[1], rows)]
+    return torch.cat(parts) if parts else features.new_zeros(0)
 
 
 class Scores(nn.Module):

@@ -16,6 +16,7 @@ from pixclass import artifact as artifact_io
 from pixclass.abstain import Abstain, fit_abstain
 from pixclass.calibration import fit_temperature
 from pixclass.errors import UserError
+from pixclass.feature_bank import nearest_similarity, nearest_similarity_in_chunks
 from pixclass.inference import OnnxBackend, TorchBackend
 from pixclass.predict import Predictor
 from pixclass.tta import combine_views, probabilities
@@ -54,6 +55,16 @@ def test_temperature_keeps_the_top_class_and_the_threshold_keeps_the_share_asked
     assert torch.equal(plain.argmax(1), scaled.argmax(1)) and (scaled.max(1).values < plain.max(1).values).all()
     abstain = fit_abstain(scaled.numpy(), keep=0.9)
     assert abstain.unknown(scaled.numpy()).mean() == pytest.approx(0.1, abs=0.021)
+
+
+def test_similarity_of_a_split_in_chunks_is_the_whole_similarity():
+    g = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(2, 1003, 16, generator=g), dim=-1)
+    bank = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    whole = nearest_similarity(features, bank)
+    chunked = nearest_similarity_in_chunks(features, bank, max_elements=2 * 50 * 7)  # 7 rows at a time
+    assert chunked.shape == (1003,) and torch.allclose(chunked, whole, atol=1e-6)
+    assert nearest_similarity_in_chunks(features[:, :0], bank).shape == (0,)
 
 
 def test_a_run_stores_calibration_and_its_report_shows_before_and_after(trained_run):

@@ -19,7 +19,8 @@ from ..abstain import Abstain, fit_abstain
 from ..calibration import fit_temperature
 from ..data.dataset import PathSplit
 from ..data.loaders import SplitData, load_split
-from ..feature_bank import bank_indices, bank_of, classifier_layer, features_of_batches, nearest_similarity
+from ..feature_bank import (bank_indices, bank_of, classifier_layer, features_of_batches,
+                            nearest_similarity_in_chunks)
 from ..progress import Reporter
 from ..tta import combine_views
 
@@ -53,7 +54,7 @@ def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter,
     bank = feature_bank(model, data.train, data.preprocess, max_memory_gb, batch_size, seed)
     if bank is not None:
         abstain = fit_abstain(val_probs, method="knn_similarity", fallback=abstain,
-                              similarity=nearest_similarity(val_features, bank.float()).numpy())
+                              similarity=nearest_similarity_in_chunks(val_features, bank.float()).numpy())
     held_out = held_similarity = None
     if held_split == "val":
         held_out, held_features = val_probs, val_features
@@ -61,7 +62,7 @@ def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter,
         held_logits, held_features, _ = scored(getattr(data, held_split))
         held_out = combine_views(held_logits, temperature).numpy()
     if held_split is not None and bank is not None:
-        held_similarity = nearest_similarity(held_features, bank.float()).numpy()
+        held_similarity = nearest_similarity_in_chunks(held_features, bank.float()).numpy()
     reporter.info(f"calibration: temperature {temperature:.3f}; unknown below {abstain.method.replace('_', ' ')} "
                   f"{abstain.threshold:.3f} (keeps {abstain.keep:.0%} of the validation images"
                   + (f"; bank of {len(bank)} training images)" if bank is not None else ")"))

@@ -71,10 +71,15 @@ def _crops(images: torch.Tensor, idx: torch.Tensor, size: int, shift: int, g: to
     n = len(idx)
     dy = torch.randint(0, 2 * shift + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * shift + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(size))[:, None, :, None]  # n x 1 x size x 1
-    cols = (dx[:, None] + torch.arange(size))[:, None, None, :]  # n x 1 x 1 x size
-    chans = torch.arange(padded.shape[1])[None, :, None, None]
-    return padded[torch.arange(n)[:, None, None, None], chans, rows, cols]
+    # one slice per offset, not an index per pixel: per-pixel int64 indices would take 8 times
+    # the batch's memory again at every step
+    crops = torch.empty((n, padded.shape[1], size, size), dtype=padded.dtype)
+    for oy in range(2 * shift + 1):
+        for ox in range(2 * shift + 1):
+            at = ((dy == oy) & (dx == ox)).nonzero().flatten()
+            if len(at):
+                crops[at] = padded[at, :, oy:oy + size, ox:ox + size]
+    return crops
 
 
 class Lookahead:
