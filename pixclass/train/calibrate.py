@@ -21,6 +21,7 @@ from ..data.dataset import PathSplit
 from ..data.loaders import SplitData, load_split
 from ..feature_bank import (bank_indices, bank_of, classifier_layer, features_of_batches,
                             nearest_similarity_in_chunks)
+from ..heap import return_freed_memory
 from ..progress import Reporter
 from ..tta import combine_views
 
@@ -34,9 +35,19 @@ class Calibrated:
     held_out_similarity: np.ndarray | None = None  # the held-out split's similarities to the bank
 
 
+def images_per_batch(size: int, most: int = 128) -> int:
+    """How many images of `size` pixels a side go through the network at once here: a pixel budget,
+    not a fixed count, since a backbone's activations at 224 px take ~50x those at 32 px (a batch
+    of 128 at 224 px held gigabytes on top of the run)."""
+    return max(4, min(most, (1 << 20) // (size * size)))
+
+
 def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter, max_memory_gb: float,
-              batch_size: int = 128, seed: int = 0) -> Calibrated | None:
-    """None without a validation split (the model stays uncalibrated and never answers unknown)."""
+              batch_size: int | None = None, seed: int = 0) -> Calibrated | None:
+    """None without a validation split (the model stays uncalibrated and never answers unknown).
+    `batch_size`: by default images_per_batch of the preprocessing size."""
+    batch_size = batch_size or images_per_batch(data.preprocess.size)
+    return_freed_memory()  # what training freed, before the network runs on every split again
     if data.val is None or len(data.val) == 0:
         reporter.warn("no validation split: the probabilities stay uncalibrated and the model never answers "
                       "unknown (both are fitted on validation images; --split 0.8,0.2,0 keeps some)")

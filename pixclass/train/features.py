@@ -25,6 +25,7 @@ from ..data.loaders import DecodeAhead
 from ..data.rows_on_disk import safetensors_offsets
 from ..data.transforms import BatchAugment, Preprocess, batch_to_input
 from ..errors import first_line
+from ..heap import large_blocks_mapped
 from ..progress import Reporter, warn
 from .feature_rows import SAFETENSORS_DTYPES, FeatureRows
 
@@ -278,7 +279,8 @@ def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed,
     if runner.session is not None:
         torch.set_num_threads(1)
     try:
-        return _compute_batches(runner, decoding, todo, pre, augment, seed, sink, reporter)
+        with large_blocks_mapped():  # else the heap grows by the images' size with every batch (heap.py)
+            return _compute_batches(runner, decoding, todo, pre, augment, seed, sink, reporter)
     finally:
         runner.close()
         torch.set_num_threads(threads)
