@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import batch_to_input
-from .heap import large_blocks_mapped
 from .tta import combine_views, view_logits
 
 BANK_KEY = "pixclass.abstain.feature_bank"  # the bank's name in model.safetensors (not a weight)
@@ -107,12 +106,11 @@ def features_of_batches(model: nn.Module, preprocess, batches, tta: str = "none"
     model = model.eval()
     device = next(model.parameters()).device
     logits, features, labels = [], [], []
-    with large_blocks_mapped():  # small results kept, image batches dropped: heap.py
-        for images, y, _ in batches:
-            z, f = views_and_features(model, batch_to_input(images.to(device), preprocess), tta)
-            logits.append(z.float().cpu())
-            features.append(f.cpu())
-            labels.append(y)
+    for images, y, _ in batches:
+        z, f = views_and_features(model, batch_to_input(images.to(device), preprocess), tta)
+        logits.append(z.float().cpu())
+        features.append(f.cpu())
+        labels.append(y)
     if not logits:
         return torch.zeros(1, 0, 0), torch.zeros(1, 0, 0), np.zeros(0, np.int64)
     return torch.cat(logits, 1), torch.cat(features, 1), torch.cat(labels).numpy()

@@ -44,8 +44,11 @@ def return_freed_memory() -> None:
 @contextmanager
 def large_blocks_mapped(threshold: int = 2**20):
     """Within: blocks of `threshold` bytes or more come from mmap, so each image batch goes back
-    to the system when it is freed and the heaps hold only small things. glibc cannot be put back
-    to its dynamic threshold, so on leaving the threshold is fixed where the dynamic one ends up."""
+    to the system when it is freed and the heaps hold only small things. Not around a network run
+    by PyTorch: its activations of a few MB would then be mapped and faulted in afresh at every
+    layer (calibration at 224 px ran at a fraction of its speed, most of it system time). glibc
+    cannot be put back to its dynamic threshold, so on leaving the threshold is fixed where the
+    dynamic one ends up."""
     libc = _libc()
     if libc is None:
         yield

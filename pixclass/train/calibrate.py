@@ -37,9 +37,10 @@ class Calibrated:
 
 def images_per_batch(size: int, most: int = 128) -> int:
     """How many images of `size` pixels a side go through the network at once here: a pixel budget,
-    not a fixed count, since a backbone's activations at 224 px take ~50x those at 32 px (a batch
-    of 128 at 224 px held gigabytes on top of the run)."""
-    return max(4, min(most, (1 << 20) // (size * size)))
+    not a fixed count, since a backbone's activations at 224 px take ~50x those at 32 px. Large
+    batches buy nothing on a CPU: at 224 px a batch of 128 held gigabytes on top of the run and
+    ran slower than one of 4 (bench/RESULTS.md)."""
+    return max(4, min(most, (1 << 18) // (size * size)))
 
 
 def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter, max_memory_gb: float,

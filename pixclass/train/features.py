@@ -9,6 +9,7 @@ export fails (with a warning), and on a GPU where the model is."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -276,10 +277,15 @@ def _compute(make_runner, decoding: DecodeAhead, todo: dict, pre, augment, seed,
     # The decoding workers need the cores while ONNX Runtime (its own threads) is idle; torch's
     # OpenMP threads would only spin against them for the cheap tensor work done here.
     threads = torch.get_num_threads()
-    if runner.session is not None:
+    onnx = runner.session is not None
+    if onnx:
         torch.set_num_threads(1)
+    # image batches from mmap, else the heap grows by their size with every batch; only around ONNX
+    # Runtime, which keeps its activations in its own arena: an eager backbone's must stay on the heap
+    # (heap.py)
+    mapped = large_blocks_mapped() if onnx else contextlib.nullcontext()
     try:
-        with large_blocks_mapped():  # else the heap grows by the images' size with every batch (heap.py)
+        with mapped:
             return _compute_batches(runner, decoding, todo, pre, augment, seed, sink, reporter)
     finally:
         runner.close()
