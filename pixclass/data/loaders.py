@@ -184,10 +184,6 @@ class StreamingSplit:
             yield torch.stack([img for _, img in good]), self.labels[idx], idx
 
 
-def fits_in_memory(n: int, pre: Preprocess, max_memory_gb: float) -> bool:
-    return n * pre.channels * pre.size * pre.size <= max_memory_gb * 2**30
-
-
 # what one split's decoded images may take of data.max_memory_gb in memory (0.25 GB of the
 # default 4: 80k images of 32 px, 1,700 of 224 px); a larger split is read from the decoded-image
 # cache batch by batch (rows_on_disk.py), so what a run holds stays flat in the dataset's size:

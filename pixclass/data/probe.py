@@ -19,7 +19,7 @@ from .scan import collect_image_paths, dataset_location, has_image_extension, is
 class SizeProbe:
     median_side: int | None  # median of max(width, height) over the sample; None: no header read
     sampled: int  # headers read
-    train_images: int  # image files in the training class folders (for a memory estimate)
+    train_images: int  # image files in the training class folders
     split_folders: tuple[str, ...] = ()  # the splits given as folders ("train", "val", "test"), if any
     largest_class: int = 0  # image files in the training folder's largest class (few-shot below a few)
 

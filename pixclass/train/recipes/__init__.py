@@ -234,14 +234,12 @@ def recipe_for_data(cfg: RunConfig, dist=None) -> RunConfig:
 
 
 def _recipe_for_sizes(cfg: RunConfig, dist):
-    """(recipe, why, the probe). The fast recipe trains in one process on the CPU with the
-    training images in memory; where a GPU or several processes are there to be used, or the
-    images do not fit, fine-tuning the pretrained network (which uses them, and streams) is the
-    better default, and the reason says so."""
+    """(recipe, why, the probe). The fast recipe trains in one process on the CPU (its images in
+    memory, or read from the decoded-image cache batch by batch where they do not fit); where a
+    GPU or several processes are there to be used, fine-tuning the pretrained network (which uses
+    them) is the better default, and the reason says so."""
     from ...config import DEFAULT_MODEL
-    from ...data.loaders import fits_in_memory
     from ...data.probe import probe_image_sizes
-    from ...data.transforms import Preprocess
     from ..distributed import choose_device
     probe = probe_image_sizes(cfg.data.path)
     side = probe.median_side
@@ -260,9 +258,4 @@ def _recipe_for_sizes(cfg: RunConfig, dist):
     device = choose_device(cfg.train.device, dist)
     if device.type != "cpu":
         return "transfer", f"{seen}, but on {device.type} (the fast recipe runs on the CPU only): {transfer}", probe
-    pre = Preprocess(size=cfg.data.image_size or max(32, side), channels=cfg.data.channels,
-                     mean=(0.5,) * cfg.data.channels, std=(0.5,) * cfg.data.channels)
-    if not fits_in_memory(probe.train_images, pre, cfg.data.max_memory_gb):
-        return "transfer", (f"{seen}, but {probe.train_images} do not fit in data.max_memory_gb "
-                            f"{cfg.data.max_memory_gb}, where the fast recipe keeps them: {transfer}"), probe
     return "fast", f"{seen}: fast from-scratch recipe (airbench)", probe
