@@ -1,8 +1,12 @@
-"""Progress bars and messages on stderr (stdout stays free for --json output)."""
+"""Progress bars and messages on stderr (stdout stays free for --json output), and a run's log:
+its messages kept in its folder with the time each was said."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import time
+from collections import deque
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -18,17 +22,59 @@ def warn(message: str) -> None:
 
 
 class Reporter:
-    """Where long work reports to. `quiet` silences bars and info lines, never warnings."""
+    """Where long work reports to. `quiet` silences bars and info lines on the terminal, never
+    warnings. Once `keep_log` names a file, every info and warning line also goes there (quiet or
+    not), after the ones said before it (a run's first lines come before its folder exists); bars
+    do not."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
+        self._log = None
+        self._said: deque[str] = deque(maxlen=200)  # what keep_log writes first
 
     def info(self, message: str) -> None:
         if not self.quiet:
             console.print(message, markup=False)
+        self._record(message)  # quiet or not: the log is what the terminal did not keep
 
     def warn(self, message: str) -> None:
         warn(message)
+        self._record(f"warning: {message}")
+
+    def log(self, message: str) -> None:
+        """Into the log only (for what the terminal already shows another way, such as the error
+        that ends a run)."""
+        self._record(message)
+
+    def keep_log(self, path: Path) -> None:
+        """Append this reporter's lines to `path` from now on (a resumed run continues its log)."""
+        self.close_log()
+        try:
+            self._log = open(path, "a", encoding="utf-8")
+        except OSError:  # the run's own writes report an unwritable folder; the log never stops a run
+            return
+        self._write("".join(self._said))
+        self._said.clear()
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            with suppress(OSError):
+                self._log.close()
+            self._log = None
+
+    def _record(self, line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n"
+        if self._log is None:
+            self._said.append(stamped)
+        else:
+            self._write(stamped)
+
+    def _write(self, text: str) -> None:
+        try:  # flushed per line: a run killed mid-way keeps everything it said
+            self._log.write(text)
+            self._log.flush()
+        except OSError:  # a full disk: the run says so itself (its checkpoints fail); the log goes quiet
+            self.close_log()
 
     @contextmanager
     def bar(self, description: str, total: int, stats: bool = False):

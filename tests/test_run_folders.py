@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,8 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not [p for p in run.rglob("*.tmp")]  # nothing half-written is left filling the disk
     assert not (run / "model").exists()
     assert "no space left on device" in (run / "failed.txt").read_text()  # the folder says the run stopped
+    stopped = (run / "train.log").read_text().splitlines()[-1]
+    assert "stopped: " in stopped and "space" in stopped.lower(), stopped  # and so does its log
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["step"] >= 1 and all(torch.isfinite(v).all() for v in last["model"].values())
 
@@ -292,3 +295,23 @@ def test_a_real_full_disk_when_a_tmpfs_can_be_mounted(tmp_path, capsys):
         assert code == 0, err
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_the_run_log_keeps_every_message_and_a_resume_appends(tmp_path, capsys):
+    data = make_shapes(tmp_path / "shapes", per_class=6)
+    run = tmp_path / "run"
+    code, err = _cli(capsys, "train", data, *TINY, "--epochs", "1", "--out", run)
+    assert code == 0, err
+    first = (run / "train.log").read_text()
+    said = [line.split(" ", 2)[2] for line in first.splitlines()]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in first.splitlines())
+    # the run's own lines as the terminal showed them (not the bars, not the CLI's closing lines)
+    shown = [line for line in err.splitlines() if line.startswith(("data:", "model ", "epoch 1 ", "calibration:"))]
+    assert len(shown) == 4 and [s for s in said if s in shown] == shown, (shown, said)
+
+    code, err = _cli(capsys, "train", "--resume", run, "--epochs", "2", "-q")  # quiet: the log still keeps it
+    assert code == 0, err
+    after = (run / "train.log").read_text()
+    assert after.startswith(first)
+    added = after[len(first):]
+    assert "resumed from" in added and "\nepoch 1 " not in added and " epoch 2 " in added, added

@@ -39,6 +39,7 @@ from .recipes import FitResult, Job, choose_recipe, validation_accuracy
 from .tracking import Tracking, check_installed
 
 FAILED_FILE = "failed.txt"  # in the folder of a run that stopped before it finished: why, and what next
+RUN_LOG = "train.log"  # every message the run printed, timestamped (progress bars aside)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -94,10 +95,14 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
     # run started meanwhile can choose the same folder (only rank 0 writes one)
     folder = _claim_run_folder(cfg, out) if resumed is None and dist.main else None
     run_dir = resumed.run_dir if resumed is not None else folder.path if folder is not None else None
+    if folder is not None:
+        reporter.keep_log(run_dir / RUN_LOG)
     job, tracking = None, Tracking()
     try:
         job = _prepare(cfg, family, recipe, run_dir, resumed, reporter, dist, device, budget,
                        model_chosen and resumed is None)
+        if resumed is not None and dist.main:  # only once the resume is accepted: a refused one changes nothing
+            reporter.keep_log(run_dir / RUN_LOG)
         if job.cfg.train.lr == "auto":
             _find_lr_for_run(job, recipe, plotter)
         if dist.main and cfg.train.track:  # once the config is resolved: it is what the trackers record
@@ -111,8 +116,10 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
         tracking.finish(job.cfg, summary, run_dir)
     except (Exception, KeyboardInterrupt) as e:
         tracking.close(failed=True)
+        reporter.log(f"stopped: {first_line(e) or type(e).__name__}")
+        reporter.close_log()
         if folder is not None and not _trained_anything(run_dir):  # the same --out works next time
-            folder.release(written=("manifest.csv",))
+            folder.release(written=("manifest.csv", RUN_LOG))
             raise
         if not dist.main or job is None:  # a failed resume wrote nothing: the run is as it was
             raise
@@ -121,6 +128,7 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
             raise
         raise stopped from None
     tracking.close(failed=False)
+    reporter.close_log()
     distributed.shutdown(dist)
     return summary
 
