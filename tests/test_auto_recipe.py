@@ -71,7 +71,6 @@ def test_small_images_go_to_transfer_where_the_fast_recipe_cannot_serve(tmp_path
     assert recipe.name == "transfer" and "but under 2 processes" in cfg.train.recipe_reason
 
 
-
 def test_small_images_beyond_the_memory_ceiling_still_get_the_fast_recipe(tmp_path):
     # it reads them from the decoded-image cache batch by batch (tests/test_fast.py)
     data = make_shapes(tmp_path / "shapes", per_class=4, size=32)
