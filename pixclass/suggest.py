@@ -62,4 +62,5 @@ def _write_html(rows: list[dict], path: Path, model_dir, unlabeled, measure: str
                     f"<style>figure{{display:inline-block;width:150px;margin:6px;font:12px sans-serif;"
                     f"vertical-align:top}}</style><h1>Label these next</h1>"
                     f"<p>{len(rows)} of {total} images in {html.escape(str(unlabeled))}, most uncertain first "
-                    f"({measure}) for the model {html.escape(str(model_dir))}, near-identical ones skipped</p>{cells}")
+                    f"({measure}) for the model {html.escape(str(model_dir))}, one per group of similar uncertain "
+                    f"images</p>{cells}")

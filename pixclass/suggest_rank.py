@@ -1,17 +1,25 @@
-"""Which unlabeled images to label next: the most uncertain ones, kept apart from each other.
+"""Which unlabeled images to label next: uncertain ones that differ from each other.
 
-Uncertainty alone picks clusters of near-duplicates (ten frames of the same scene the model
-hesitates on teach it one thing), so the ranking walks the images from most to least uncertain
-and skips one whose embedding is too close (cosine) to an image already picked; only if that
-leaves fewer than asked are the skipped ones taken, most uncertain first."""
+Uncertainty alone picks clusters of similar images (ten frames of the same scene the model
+hesitates on teach it one thing, and on CIFAR-10 it was no better than picking at random), so the
+ranking is diverse mini-batch active learning (Zhdanov 2019, "Diverse mini-batch Active
+Learning"): the `CANDIDATES` x n most uncertain images are clustered by k-means on their
+embeddings, weighted by uncertainty, into n clusters, and each cluster gives the image nearest its
+centre. No library offers this ranking on precomputed probabilities and embeddings (modAL and
+scikit-activeml wrap their own estimators), so it is a few lines over scikit-learn's k-means.
+Near-identical images (cosine above `SIMILAR`) are still never picked twice while others remain."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
 MEASURES = ("margin", "entropy")
 # cosine similarity of backbone embeddings above which two images count as near-identical
 SIMILAR = 0.9
+# how many times n of the most uncertain images the clusters are formed from
+CANDIDATES = 5
 
 
 def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
@@ -25,22 +33,55 @@ def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
     return 1.0 - (top[:, 1] - top[:, 0])
 
 
-def pick_diverse(scores: np.ndarray, embeddings: np.ndarray | None, n: int, similar: float = SIMILAR) -> list[int]:
-    """Indices of `n` images, most uncertain first, none (while there are enough) with a cosine
-    similarity above `similar` to one picked before it. Without embeddings: by score alone."""
+def pick_diverse(scores: np.ndarray, embeddings: np.ndarray | None, n: int, similar: float = SIMILAR,
+                 candidates: int = CANDIDATES, seed: int = 0) -> list[int]:
+    """Indices of `n` images, most uncertain first: one per cluster of the most uncertain
+    images (see the module's doc), none (while there are enough) with a cosine similarity above
+    `similar` to another pick. Without embeddings: the n most uncertain."""
     order = np.argsort(-scores, kind="stable")
     n = min(n, len(order))
-    if embeddings is None:
+    if embeddings is None or n == len(order):
         return order[:n].tolist()
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    picked, skipped = [], []
-    closest = np.full(len(order), -1.0)  # each image's highest similarity to the picks so far
-    for i in order:
-        if len(picked) == n:
-            break
-        if closest[i] > similar:
-            skipped.append(i)
-            continue
-        picked.append(int(i))
-        np.maximum(closest, unit @ unit[i], out=closest)
-    return picked + [int(i) for i in skipped[:n - len(picked)]]
+    picks = _Picks(unit, similar)
+    pool = order[:min(len(order), candidates * n)]
+    for i in _by_cluster(unit[pool], scores[pool], n, seed):
+        picks.take_first_fresh(pool[i])
+    # fewer distinct clusters than asked (duplicates): the most uncertain of the rest, fresh ones first
+    picks.take_first_fresh(order, n - len(picks.taken))
+    picks.take_first_fresh(order, n - len(picks.taken), allow_similar=True)
+    return sorted(picks.taken, key=lambda i: (-scores[i], i))
+
+
+class _Picks:
+    """The picks so far, and how close every image is to the nearest of them."""
+
+    def __init__(self, unit: np.ndarray, similar: float):
+        self.unit, self.similar, self.taken = unit, similar, []
+        self.closest = np.full(len(unit), -1.0)
+        self.is_taken = np.zeros(len(unit), bool)
+
+    def take_first_fresh(self, ranked: np.ndarray, count: int = 1, allow_similar: bool = False) -> None:
+        """Take the first `count` images of `ranked` not taken yet and (unless allowed) not
+        near-identical to a pick."""
+        for i in ranked:
+            if count <= 0:
+                return
+            if self.is_taken[i] or (not allow_similar and self.closest[i] > self.similar):
+                continue
+            self.taken.append(int(i))
+            self.is_taken[i] = True
+            np.maximum(self.closest, self.unit @ self.unit[i], out=self.closest)
+            count -= 1
+
+
+def _by_cluster(unit: np.ndarray, scores: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """For each of n uncertainty-weighted k-means clusters of `unit`, heaviest first, its
+    positions ordered by distance to the cluster's centre."""
+    from sklearn.cluster import KMeans
+    with warnings.catch_warnings():  # duplicates can leave fewer distinct points than clusters
+        warnings.simplefilter("ignore")
+        kmeans = KMeans(n, n_init=3, random_state=seed).fit(unit, sample_weight=scores + 1e-6)
+    distance = kmeans.transform(unit)
+    weight = np.bincount(kmeans.labels_, weights=scores + 1e-6, minlength=n)
+    return [np.argsort(distance[:, c], kind="stable") for c in np.argsort(-weight, kind="stable")]
