@@ -250,3 +250,42 @@ def test_predict_and_the_service_answer_unknown_for_cifar_images_not_for_unseen_
     assert [p["unknown"] for p in body["predictions"]] == [r["unknown"] for r in on_unseen[:4] + on_cifar[:4]]
     assert [p["score"] for p in body["predictions"]] == pytest.approx(
         [r["score"] for r in on_unseen[:4] + on_cifar[:4]], abs=1e-4)
+
+
+def test_calibration_from_cached_features_matches_the_saved_model_on_images(transfer_run, ants_bees_small):
+    """Calibration reads the fine-tuned tail's outputs from the feature cache instead of running
+    the network on the images again: the temperature, the bank and the threshold it stores are
+    what the saved model gives on the images themselves."""
+    import csv
+
+    from pixclass import artifact as artifact_io
+    from pixclass.abstain import fit_abstain
+    from pixclass.calibration import fit_temperature
+    from pixclass.data.loaders import load_split
+    from pixclass.feature_bank import features_of_batches, nearest_similarity_in_chunks
+    from pixclass.progress import Reporter
+    from pixclass.tta import combine_views
+    summary, _ = transfer_run
+    art = artifact_io.load(summary["model_dir"])
+    rows = list(csv.DictReader((Path(summary["run_dir"]) / "manifest.csv").open()))
+
+    def on_images(split):
+        chosen = [r for r in rows if r["split"] == split]
+        data, _ = load_split([ants_bees_small / r["path"] for r in chosen], [art.classes.index(r["class"]) for r in chosen],
+                             art.preprocess, Reporter(quiet=True), 4.0)
+        assert len(data) == len(chosen) > 0
+        return features_of_batches(art.model, art.preprocess, data.batches(8), art.tta)
+
+    val_logits, val_features, val_labels = on_images("val")
+    temperature = fit_temperature(val_logits, val_labels)
+    assert art.temperature == pytest.approx(temperature, rel=0.02)
+    _, train_features, _ = on_images("train")
+    bank = art.feature_bank.float()
+    assert 0 < len(bank) <= train_features.shape[1]
+    # every bank row is a training image's features, as the saved model computes them
+    assert (bank @ train_features[0].T).max(dim=1).values.min() > 0.999
+    similarity = nearest_similarity_in_chunks(val_features, bank).numpy()
+    refit = fit_abstain(combine_views(val_logits, temperature).numpy(), method="knn_similarity",
+                        fallback=art.abstain.fallback, similarity=similarity)
+    assert art.abstain.method == "knn_similarity"
+    assert art.abstain.threshold == pytest.approx(refit.threshold, abs=2e-3)

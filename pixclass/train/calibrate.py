@@ -11,6 +11,7 @@ fallback for the exports that answer probabilities only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -35,6 +36,19 @@ class Calibrated:
     held_out_similarity: np.ndarray | None = None  # the held-out split's similarities to the bank
 
 
+class CachedScores(Protocol):
+    """What a recipe that keeps its inputs cached (transfer learning's features) can give in place
+    of running the final network on images: the same logits and normalized penultimate features,
+    from the cache through the trained part alone."""
+
+    def split(self, name: str, tta: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(logits V x N x K, features V x N x D, labels N) of split `name` ("val", "test") on
+        the views `tta` names."""
+
+    def bank(self, seed: int) -> torch.Tensor | None:
+        """Features 1 x M x D of the training images feature_bank would sample (None: none)."""
+
+
 def images_per_batch(size: int, most: int = 128) -> int:
     """How many images of `size` pixels a side go through the network at once here: a pixel budget,
     not a fixed count, since a backbone's activations at 224 px take ~50x those at 32 px. Large
@@ -44,9 +58,10 @@ def images_per_batch(size: int, most: int = 128) -> int:
 
 
 def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter, max_memory_gb: float,
-              batch_size: int | None = None, seed: int = 0) -> Calibrated | None:
+              batch_size: int | None = None, seed: int = 0, cached: CachedScores | None = None) -> Calibrated | None:
     """None without a validation split (the model stays uncalibrated and never answers unknown).
-    `batch_size`: by default images_per_batch of the preprocessing size."""
+    `batch_size`: by default images_per_batch of the preprocessing size. `cached`: the recipe's
+    scores from its cache, used instead of running the network on the images."""
     batch_size = batch_size or images_per_batch(data.preprocess.size)
     return_freed_memory()  # what training freed, before the network runs on every split again
     if data.val is None or len(data.val) == 0:
@@ -54,16 +69,23 @@ def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter,
                       "unknown (both are fitted on validation images; --split 0.8,0.2,0 keeps some)")
         return None
 
-    def scored(split):  # (logits V x N x K, normalized features V x N x D, labels N)
+    def scored(name: str):  # (logits V x N x K, normalized features V x N x D, labels N)
+        if cached is not None:
+            return cached.split(name, tta)
+        split = getattr(data, name)
         if isinstance(split, PathSplit):  # a recipe that did not decode it (cached features)
             split, _ = load_split(split.paths, split.labels, data.preprocess, Reporter(quiet=True), max_memory_gb)
         return features_of_batches(model, data.preprocess, split.batches(batch_size), tta)
 
-    val_logits, val_features, val_labels = scored(data.val)
+    val_logits, val_features, val_labels = scored("val")
     temperature = fit_temperature(val_logits, val_labels)
     val_probs = combine_views(val_logits, temperature).numpy()
     abstain = fit_abstain(val_probs)
-    bank = feature_bank(model, data.train, data.preprocess, max_memory_gb, batch_size, seed)
+    if cached is not None:
+        bank_features = cached.bank(seed)
+        bank = bank_of(bank_features) if bank_features is not None else None
+    else:
+        bank = feature_bank(model, data.train, data.preprocess, max_memory_gb, batch_size, seed)
     if bank is not None:
         abstain = fit_abstain(val_probs, method="knn_similarity", fallback=abstain,
                               similarity=nearest_similarity_in_chunks(val_features, bank.float()).numpy())
@@ -71,7 +93,7 @@ def calibrate(model, data, tta: str, held_split: str | None, reporter: Reporter,
     if held_split == "val":
         held_out, held_features = val_probs, val_features
     elif held_split is not None:
-        held_logits, held_features, _ = scored(getattr(data, held_split))
+        held_logits, held_features, _ = scored(held_split)
         held_out = combine_views(held_logits, temperature).numpy()
     if held_split is not None and bank is not None:
         held_similarity = nearest_similarity_in_chunks(held_features, bank.float()).numpy()

@@ -52,6 +52,16 @@ class FeatureRows:
             self.close()
         return self
 
+    def subset(self, indices: np.ndarray) -> "FeatureRows":
+        """The rows at `indices`, in that order: the same files (or held rows), not a copy."""
+        idx = np.asarray(indices, dtype=np.int64)
+        where, offsets = (self.where[idx], self.offsets[idx]) if self.where.ndim == 2 else (self.where, self.offsets)
+        rows = FeatureRows(self.files, where, offsets, self.shape, self.dtype, self.labels[torch.from_numpy(idx)],
+                           [self.paths[i] for i in idx])
+        if self.held is not None:
+            rows.held = self.held[torch.from_numpy(idx)]
+        return rows
+
     def tensor(self) -> torch.Tensor:
         """Every row, float32 (N x V x ...)."""
         return (self.held if self.held is not None else self._read(torch.arange(len(self)))).float()

@@ -289,7 +289,7 @@ def _finish(job: Job, result: FitResult, run_dir: Path, plotter, started: float)
         thresholds = fit_thresholds(job.model, data, result.tta, job.reporter)
     else:
         calibrated = calibrate(job.model, data, result.tta, result.held_out.split if result.held_out else None,
-                               job.reporter, cfg.data.max_memory_gb, seed=cfg.train.seed)
+                               job.reporter, cfg.data.max_memory_gb, seed=cfg.train.seed, cached=result.cached_scores)
     held, uncalibrated = result.held_out, None
     if calibrated is not None and held is not None and calibrated.held_out is not None \
             and len(calibrated.held_out) == len(held.labels):

@@ -41,6 +41,9 @@ class FitResult:
     # test-time augmentation included): what `pixclass tune` selects on, never the test split.
     # None: the recipe does not compute it (see validation_accuracy)
     val_accuracy: float | None = None
+    # where the recipe can give calibration the final network's logits and penultimate features
+    # without running it on images again (calibrate.CachedScores), else None
+    cached_scores: object | None = None
 
 
 def validation_accuracy(result: FitResult) -> float | None:

@@ -22,12 +22,14 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ...cache import cache_root
 from ...config import RunConfig
 from ...data.loaders import DecodeAhead, default_workers
 from ...data.transforms import build_augment
 from ...errors import DatasetError, UserError
+from ...feature_bank import bank_indices, tapped
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
@@ -192,7 +194,8 @@ class TransferRecipe(Recipe):
         if evaluator is not None and mirrored:
             held, tta, metrics = _held_out_with_mirror(evaluator, mirrored)
             return FitResult(history, held, skipped=skipped, timings=timings, metrics=metrics, tta=tta,
-                             val_accuracy=metrics.get("val_accuracy"))
+                             val_accuracy=metrics.get("val_accuracy"),
+                             cached_scores=_ScoresFromCache(evaluator, model, mirrored, splits["train"]))
         return FitResult(history, held_out_of(), skipped=skipped, timings=timings, tta=tta)
 
     def sweep_target(self, job: Job) -> SweepTarget:
@@ -375,6 +378,42 @@ def _held_out_with_mirror(module: nn.Module, mirrored: dict) -> tuple[HeldOut, s
     if val_accuracy is not None:
         metrics["val_accuracy"] = val_accuracy
     return HeldOut(name, probs, labels, list(split.paths)), tta, metrics
+
+
+class _ScoresFromCache:
+    """calibrate.CachedScores of a model whose frozen part's features are cached: the trained tail
+    (or head) on the cached val/test views (the mirrored one is the hflip view) and on the clean
+    view of the bank's training images. At 224 px, running the whole network on those images again
+    took most of a run (bench/RESULTS.md); this takes seconds. The numbers differ from the saved
+    model's only by the cache's float16 rounding of the frozen part's output."""
+
+    def __init__(self, evaluator: nn.Module, model: TransferModel, mirrored: dict, train: FeatureRows):
+        self.evaluator, self.model, self.mirrored, self.train = evaluator.cpu().eval(), model, mirrored, train
+
+    def split(self, name: str, tta: str):
+        rows = self.mirrored[name]
+        return self._scores(rows, (0, 1) if tta == "hflip" else (0,))
+
+    def bank(self, seed: int):
+        if self.train is None or len(self.train) == 0:
+            return None
+        _, features, _ = self._scores(self.train.subset(bank_indices(len(self.train), seed=seed)), (0,))
+        return features
+
+    @torch.inference_mode()
+    def _scores(self, rows: FeatureRows, views: tuple):
+        logits, features = [], []
+        with tapped(self.model) as captured:  # the saved model's classifier layer: what its bank holds
+            for x, _, _ in rows.batches(256):
+                z, f = [], []
+                for v in views:
+                    z.append(self.evaluator(x[:, v]).float())
+                    f.append(F.normalize(captured[0].float().flatten(1), dim=1))
+                logits.append(torch.stack(z))
+                features.append(torch.stack(f))
+        if not logits:
+            return torch.zeros(len(views), 0, 0), torch.zeros(len(views), 0, 0), np.zeros(0, np.int64)
+        return torch.cat(logits, 1), torch.cat(features, 1), rows.labels.numpy()
 
 
 def _decoded(part, pre, reporter, max_memory_gb: float):
