@@ -308,6 +308,10 @@ def test_the_run_log_keeps_every_message_and_a_resume_appends(tmp_path, capsys):
     # the run's own lines as the terminal showed them (not the bars, not the CLI's closing lines)
     shown = [line for line in err.splitlines() if line.startswith(("data:", "model ", "epoch 1 ", "calibration:"))]
     assert len(shown) == 4 and [s for s in said if s in shown] == shown, (shown, said)
+    # and the closing figure, the model and the whole run's time, as its last line
+    summary = json.loads((run / "evaluation" / "metrics.json").read_text())
+    assert re.fullmatch(rf"finished in \d+\.\ds: {summary['split']} accuracy {summary['accuracy']:.4f} "
+                        rf"\({summary['n']} images\); model {re.escape(str(run / 'model'))}", said[-1]), said[-1]
 
     code, err = _cli(capsys, "train", "--resume", run, "--epochs", "2", "-q")  # quiet: the log still keeps it
     assert code == 0, err

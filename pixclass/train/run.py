@@ -128,9 +128,22 @@ def _run(cfg: RunConfig, family, recipe, out, resume, reporter: Reporter, dist, 
             raise
         raise stopped from None
     tracking.close(failed=False)
+    reporter.log(_finished_line(summary, time.perf_counter() - started))
     reporter.close_log()
     distributed.shutdown(dist)
     return summary
+
+
+def _finished_line(summary: dict, seconds: float) -> str:
+    """The log's last line: what the terminal's closing lines say (the held-out figure, the model),
+    with the whole run's time."""
+    m = summary["metrics"]
+    figure = ""
+    if m.get("task") == "multilabel":
+        figure = f"{m['split']} macro F1 {m['macro_f1']:.4f} ({m['n']} images); "
+    elif "accuracy" in m:
+        figure = f"{m['split']} accuracy {m['accuracy']:.4f} ({m['n']} images); "
+    return f"finished in {seconds:.1f}s: {figure}model {summary['model_dir']}"
 
 
 def _find_lr_for_run(job: Job, recipe, plotter) -> None:
