@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pixclass.feature_bank import BANK_KEY
+
 from conftest import needs_hymenoptera, run_cli, subset
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
@@ -118,7 +120,11 @@ def test_transfer_recipe_under_two_processes_shares_the_feature_work(ants_bees_s
     two_features, two = train("two", *head_only, "--nproc", "2")
     assert one_features.keys() == two_features.keys() and len(one_features) == 72
     assert max((one_features[k] - two_features[k]).abs().max().item() for k in one_features) < 1e-4
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-4
+    assert one.keys() == two.keys() and BANK_KEY in one
+    assert max((one[k] - two[k]).abs().max().item() for k in one if k != BANK_KEY) <= 1e-4
+    # the unknown-answer bank (float16): one process reads it from its cached float16 features, the
+    # ranks (which cache no mirrored views) from the images; they differ by that rounding alone
+    assert (one[BANK_KEY].float() - two[BANK_KEY].float()).abs().max().item() <= 2e-3
     # the default recipe (head, then fine-tuning the tail) under DDP: logged once, by rank 0
     train("two-finetune", "--head-epochs", "2", "--epochs", "1", "--nproc", "2")
     rows = (tmp_path / "two-finetune" / "metrics.csv").read_text().splitlines()[1:]
