@@ -56,8 +56,14 @@ def tapped(model: nn.Module):
 
 def views_and_features(model: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Standardized N x C x H x W -> (logits V x N x K, L2-normalized features V x N x D), one pass."""
+    return logits_and_features(model, lambda: view_logits(model, x, tta))
+
+
+def logits_and_features(model: nn.Module, forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits V x N x K, L2-normalized features V x N x D) of `forward()`, a pass that runs
+    `model`'s classifier layer once on the V x N rows in view-major order and returns their logits."""
     with tapped(model) as captured:
-        logits = view_logits(model, x, tta)
+        logits = forward()
     features = captured[0].float().flatten(1)
     return logits, F.normalize(features, dim=1).reshape(logits.shape[0], logits.shape[1], -1)
 
@@ -105,9 +111,17 @@ def features_of_batches(model: nn.Module, preprocess, batches, tta: str = "none"
     as (uint8 images, labels, indices)."""
     model = model.eval()
     device = next(model.parameters()).device
+    return scores_of_batches(batches, lambda images: views_and_features(
+        model, batch_to_input(images.to(device), preprocess), tta))
+
+
+@torch.inference_mode()
+def scores_of_batches(batches, scores_of):
+    """(logits V x N x K, features V x N x D, labels N) over `batches` of (inputs, labels, indices),
+    `scores_of(inputs)` giving one batch's (logits, features)."""
     logits, features, labels = [], [], []
-    for images, y, _ in batches:
-        z, f = views_and_features(model, batch_to_input(images.to(device), preprocess), tta)
+    for inputs, y, _ in batches:
+        z, f = scores_of(inputs)
         logits.append(z.float().cpu())
         features.append(f.cpu())
         labels.append(y)

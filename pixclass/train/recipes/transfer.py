@@ -22,14 +22,13 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...cache import cache_root
 from ...config import RunConfig
 from ...data.loaders import DecodeAhead, default_workers
 from ...data.transforms import build_augment
 from ...errors import DatasetError, UserError
-from ...feature_bank import bank_indices, tapped
+from ...feature_bank import bank_indices, logits_and_features, scores_of_batches
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
@@ -400,20 +399,13 @@ class _ScoresFromCache:
         _, features, _ = self._scores(self.train.subset(bank_indices(len(self.train), seed=seed)), (0,))
         return features
 
-    @torch.inference_mode()
     def _scores(self, rows: FeatureRows, views: tuple):
-        logits, features = [], []
-        with tapped(self.model) as captured:  # the saved model's classifier layer: what its bank holds
-            for x, _, _ in rows.batches(256):
-                z, f = [], []
-                for v in views:
-                    z.append(self.evaluator(x[:, v]).float())
-                    f.append(F.normalize(captured[0].float().flatten(1), dim=1))
-                logits.append(torch.stack(z))
-                features.append(torch.stack(f))
-        if not logits:
-            return torch.zeros(len(views), 0, 0), torch.zeros(len(views), 0, 0), np.zeros(0, np.int64)
-        return torch.cat(logits, 1), torch.cat(features, 1), rows.labels.numpy()
+        def scores_of(x):  # N x V x ... cached views -> the chosen views, view-major, in one pass
+            chosen = x[:, list(views)].transpose(0, 1)
+            # the saved model's classifier layer is tapped: what its bank holds
+            return logits_and_features(self.model, lambda: self.evaluator(chosen.flatten(0, 1)).view(
+                len(views), len(x), -1))
+        return scores_of_batches(rows.batches(256), scores_of)
 
 
 def _decoded(part, pre, reporter, max_memory_gb: float):
