@@ -96,6 +96,8 @@ def _build_config(data: Path, config: Optional[Path], resume: Optional[Path], **
         cfg = cfg.replace("train", recipe_reason="")
     cfg = cfg.replace("model", name=overrides.pop("model"), dropout=overrides.pop("dropout"),
                       pretrained=overrides.pop("pretrained"), weights=overrides.pop("weights"))
+    if overrides.get("epochs") is not None:  # epochs named now: a budget's recorded cut no longer applies
+        cfg = cfg.replace("train", max_steps=0)
     return cfg.replace("train", **overrides)
 
 

@@ -158,6 +158,9 @@ class TrainConfig:
     # what the transfer recipe planned for the budget and why (its choices are the fields below,
     # model.name included), written into the run's config.yaml for the record
     plan: str = ""
+    # the fast recipe's optimizer steps in all when a budget cut its schedule mid-epoch (written
+    # with `epochs` into config.yaml, so --config reruns the same schedule); 0: every step of `epochs`
+    max_steps: int = 0
     # transfer learning (pretrained backbones)
     freeze: bool = False  # feature extractor: only the head trains, no fine-tuning phase
     head_epochs: int | None = None  # epochs of the frozen-backbone phase (cached features: milliseconds each); None: 10
@@ -183,6 +186,8 @@ class TrainConfig:
         for tracker in self.track:
             _check_choice("track", tracker, TRACKERS)
         _check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0 (got {self.epochs})")
+        _check(isinstance(self.max_steps, int) and self.max_steps >= 0,
+               f"max_steps must be a whole number >= 0 (got {self.max_steps!r})")
         _check(self.head_epochs is None or self.head_epochs >= 0, "head_epochs must be >= 0")
         _check(self.budget is None or 0 < self.budget <= 24 * 60,
                f"budget must be a number of minutes above 0, at most a day (got {self.budget})")

@@ -113,12 +113,12 @@ def test_a_resolved_plan_survives_the_config_file(tmp_path):
 
 
 def test_the_fast_schedule_keeps_what_fits():
-    from pixclass.train.recipes.fast import epochs_that_fit
-    assert epochs_that_fit(1, 10, epoch_s=60, left_s=10_000, held_out=1000, rate=500) == 10  # all of it
-    assert epochs_that_fit(1, 10, epoch_s=60, left_s=310, held_out=0, rate=500) == 6  # 1 done + 5 that fit
-    assert epochs_that_fit(3, 10, epoch_s=60, left_s=-5, held_out=0, rate=500) == 3  # out of time: stop now
-    # the evaluation of the held-out images is paid for before more epochs
-    assert epochs_that_fit(1, 10, epoch_s=60, left_s=310, held_out=30_000, rate=500) < 6
+    from pixclass.train.recipes.fast import steps_that_fit
+    assert steps_that_fit(10, 100, step_s=6, left_s=10_000, held_out=1000, rate=500) == 100  # all of it
+    assert steps_that_fit(10, 100, step_s=6, left_s=310, held_out=0, rate=500) == 60  # 10 done + 50 that fit
+    assert steps_that_fit(30, 100, step_s=6, left_s=-5, held_out=0, rate=500) == 30  # out of time: stop now
+    # the evaluation of the held-out images is paid for before more steps
+    assert steps_that_fit(10, 100, step_s=6, left_s=310, held_out=30_000, rate=500) < 60
 
 
 def test_the_fast_recipe_shortens_its_schedule_to_the_budget(tmp_path):
@@ -127,10 +127,32 @@ def test_the_fast_recipe_shortens_its_schedule_to_the_budget(tmp_path):
     out = tmp_path / "r"
     proc = run_cli("train", data, "--recipe", "fast", "--image-size", "32", "--budget", "0.01", "--out", out, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert "the schedule shortened to 1 of 10 epochs" in proc.stderr
+    assert "the schedule shortened to 2 of 20 steps" in proc.stderr
     assert len(json.loads(proc.stdout)["history"]) == 1
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["train"]["epochs"] == 1 and saved["train"]["plan"].startswith("0.01 min budget: 1 of")
+    assert saved["train"]["epochs"] == 1 and saved["train"]["max_steps"] == 2
+    assert saved["train"]["plan"].startswith("0.01 min budget: 2 of the schedule's 20 steps")
+
+
+def test_a_budget_can_stop_the_fast_recipe_inside_its_first_epoch_and_the_config_reruns_the_cut(tmp_path):
+    """A budget shorter than one epoch (CIFAR-10 under --budget 2 on a slow CPU) stops mid-epoch,
+    and --config trains the same steps again without a budget check."""
+    from conftest import make_shapes
+    data = make_shapes(tmp_path / "shapes", per_class=200)  # 13 steps an epoch
+    out = tmp_path / "r"
+    proc = run_cli("train", data, "--recipe", "fast", "--image-size", "32", "--budget", "0.001", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout)["history"]
+    assert len(first) == 1 and first[0]["step"] < 13, first
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["train"]["epochs"], saved["train"]["max_steps"]) == (1, first[0]["step"])
+    again = run_cli("train", data, "--config", out / "config.yaml", "--out", tmp_path / "again", "--json")
+    assert again.returncode == 0, again.stderr
+    assert [row["step"] for row in json.loads(again.stdout)["history"]] == [first[0]["step"]]
+    # naming --epochs drops the recorded cut
+    longer = run_cli("train", data, "--config", out / "config.yaml", "--epochs", "2", "--out", tmp_path / "two",
+                     "--json")
+    assert [row["step"] for row in json.loads(longer.stdout)["history"]] == [13, 26]
 
 
 def test_a_depth_the_ladder_does_not_have_is_priced_deeper_than_its_deepest():

@@ -143,14 +143,19 @@ def batch_size_for(n: int, hyp: FastHyper) -> int:
     return min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
 
 
-def epochs_that_fit(done: int, planned: int, epoch_s: float, left_s: float, held_out: int, rate: float) -> int:
-    """How many epochs the schedule can have in all, after `done` of `planned` took `epoch_s`
-    each, when `left_s` seconds of the budget remain and `held_out` images still need the
+def steps_that_fit(done: int, planned: int, step_s: float, left_s: float, held_out: int, rate: float) -> int:
+    """How many optimizer steps the schedule can have in all, after `done` of `planned` took
+    `step_s` each, when `left_s` seconds of the budget remain and `held_out` images still need the
     evaluation (about 8 network passes each at `rate` images/s of training: TTA averages 6 views,
-    and the report) plus a few seconds of writing."""
+    and the report) plus a few seconds of writing. Steps, not epochs: a short budget on a large
+    set can stop inside the first epoch."""
     evaluation_s = held_out * 8 / max(rate * 3, 1e-6) + 10
-    fits = int((left_s - evaluation_s) // max(epoch_s, 1e-6))
+    fits = int((left_s - evaluation_s) // max(step_s, 1e-6))
     return max(done, min(planned, done + fits))
+
+
+# seconds of training between two looks at the budget (each one a little arithmetic)
+BUDGET_CHECK_S = 5.0
 
 
 class FastRecipe(Recipe):
@@ -176,15 +181,16 @@ class FastRecipe(Recipe):
                             "PIXCLASS_CACHE_DIR or raise --max-memory")
         hyp = hyper_for(job.arch["name"])
         epochs = job.cfg.train.epochs
-        # with the epochs left to the budget, the schedule shortens itself to fit (see fit_fast)
+        # with the epochs left to the budget, the schedule shortens itself to the steps that fit (fit_fast)
         budget = job.budget if epochs is None else None
         result = fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
                           job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget, hooks=job.hooks,
-                          balance=job.balance or OFF)
+                          balance=job.balance or OFF, max_steps=job.cfg.train.max_steps)
         if budget is not None:
-            run = len(result.history)
-            job.record(job.cfg.replace("train", epochs=run, plan=f"{budget.minutes:g} min budget: {run} of the "
-                                                                  f"schedule's {hyp.epochs} epochs"))
+            run, steps, planned = len(result.history), result.history[-1]["step"], result.metrics["planned_steps"]
+            job.record(job.cfg.replace("train", epochs=run, max_steps=steps if steps < planned else 0,
+                                       plan=f"{budget.minutes:g} min budget: {steps} of the schedule's {planned} "
+                                            f"steps ({run} of {hyp.epochs} epochs)"))
         return result
 
 
@@ -192,11 +198,13 @@ RECIPE = FastRecipe()
 
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
-             hyp: FastHyper = FastHyper(), budget=None, hooks=(), balance: Balance = OFF) -> FitResult:
+             hyp: FastHyper = FastHyper(), budget=None, hooks=(), balance: Balance = OFF,
+             max_steps: int = 0) -> FitResult:
     """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA.
-    With a `budget` (train.budget.Budget), after each epoch the schedule is shortened to the epochs
+    With a `budget` (train.budget.Budget), every few seconds the schedule is shortened to the steps
     that still fit it: the learning-rate and averaging curves are functions of the share of steps
-    done, so they stretch to the new length and still end annealed. `hooks` get `after_epoch`
+    done, so they stretch to the new length and still end annealed. `max_steps` (> 0) caps the
+    schedule from the start (a budget run's cut, rerun from its config.yaml). `hooks` get `after_epoch`
     (hooks.py) with no Trainer: this loop is its own. `balance`: class-weighted loss or
     class-balanced draws; the recipe picks no checkpoint (it ends on its averaged weights), so
     macro-F1 is reported, not monitored."""
@@ -213,7 +221,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     loss_fn = nn.CrossEntropyLoss(weight=balance.loss_weights(), label_smoothing=hyp.label_smoothing, reduction="sum")
     sample_weights = balance.sample_weights(train.labels)
     steps_per_epoch = n // batch_size if n >= batch_size else 1
-    total = steps_per_epoch * epochs
+    planned = steps_per_epoch * epochs
+    total = min(planned, max_steps) if max_steps else planned
     lookahead = Lookahead(model)
     flip_base = torch.rand(n, generator=g) < 0.5
     history, step = [], 0
@@ -221,8 +230,9 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                   f"{'bfloat16' if dtype else 'float32'} on the CPU")
     started = time.perf_counter()
     held_out = sum(len(split) for split in (data.val, data.test) if split is not None)
-    epoch = 0
-    while epoch < epochs:
+    epoch, first_step_done, last_check = 0, None, None
+    while step < total:
+        epochs = math.ceil(total / steps_per_epoch)
         model.train()
         model.whiten.bias.requires_grad_(epoch < hyp.whiten_bias_epochs)
         order = epoch_order(n, True, g, sample_weights)
@@ -230,6 +240,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         t0, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
         with reporter.bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch * batch_size, stats=True) as bar:
             for b in range(steps_per_epoch):
+                if step >= total:
+                    break
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 x = _crops(train.images, idx, size, hyp.translate, g) if hyp.translate else train.images[idx]
                 x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(-1), x)
@@ -246,6 +258,19 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                 step += 1
                 if step % hyp.lookahead_every == 0:
                     lookahead.update(0.95 ** hyp.lookahead_every * (step / total) ** 3)
+                now = time.perf_counter()
+                if step == 1:
+                    first_step_done = last_check = now  # the first step also builds the kernels: not counted
+                elif budget is not None and (now - last_check >= BUDGET_CHECK_S or b == steps_per_epoch - 1
+                                             or budget.left() <= 0):
+                    last_check = now
+                    step_s = (now - first_step_done) / (step - 1)
+                    fitting = steps_that_fit(step, total, step_s, budget.left(), held_out, batch_size / step_s)
+                    if fitting < total:
+                        if total == planned:
+                            reporter.info(f"time budget: the schedule shortened to {fitting} of {planned} steps "
+                                          f"({fitting / steps_per_epoch:.1f} of {epochs} epochs)")
+                        total = fitting
                 seen += len(idx)
                 total_loss += loss.item()
                 correct += (logits.argmax(1) == y).sum().item()
@@ -255,7 +280,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                "epoch_s": round(time.perf_counter() - t0, 2),
                "images_per_s": round(seen / (time.perf_counter() - t0), 1), "val_loss": None, "val_accuracy": None,
-               "elapsed_s": round(time.perf_counter() - started, 1)}
+               "elapsed_s": round(time.perf_counter() - started, 1), "step": step}
         if data.val is not None and len(data.val):
             probs = predict_tta(model, data.val.images, pre, dtype, tta=False)
             row["val_loss"] = cross_entropy(data.val.labels.numpy(), probs)
@@ -264,25 +289,22 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         if run_dir is not None:
             write_history(history, Path(run_dir) / "metrics.csv")
         for hook in hooks:
-            hook.after_epoch(None, row, epoch + 1 >= epochs)
+            hook.after_epoch(None, row, step >= total)
         reporter.info("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                                 if v is not None and k not in ("phase",)))
         epoch += 1
-        if budget is not None and epoch < epochs:
-            fitting = epochs_that_fit(epoch, epochs, (time.perf_counter() - started) / epoch, budget.left(), held_out,
-                                      row["images_per_s"])
-            if fitting < epochs:
-                reporter.info(f"time budget: the schedule shortened to {fitting} of {epochs} epochs")
-                epochs, total = fitting, steps_per_epoch * fitting
+    if total < planned and budget is not None:
+        reporter.info(f"time budget: trained {step} of the schedule's {planned} steps ({epoch} epochs begun)")
     lookahead.update(1.0)  # finish on the averaged weights
     model.eval()
     if run_dir is not None:
-        save_checkpoint({"model": model.state_dict(), "epoch": epochs, "step": step, "history": history},
+        save_checkpoint({"model": model.state_dict(), "epoch": epoch, "step": step, "history": history},
                         Path(run_dir) / "checkpoints" / "last.pt")
     timings = {"train_s": round(time.perf_counter() - started, 1)}
     name, held = held_out_split({"val": data.val, "test": data.test})
+    schedule = {"planned_steps": planned}
     if held is None:
-        return FitResult(history, None, skipped=list(data.skipped), timings=timings)
+        return FitResult(history, None, skipped=list(data.skipped), timings=timings, metrics=schedule)
     t0 = time.perf_counter()
     # the run reports what its saved model gives (`pixclass evaluate`): the artifact averages the
     # image and its mirror ("hflip"); the recipe's fuller TTA (one-pixel shifts too, on bfloat16
@@ -292,4 +314,4 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     timings["tta_s"] = round(time.perf_counter() - t0, 1)
     with_shifts = float((shifted.argmax(1) == held.labels.numpy()).mean())
     return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta="hflip",
-                     metrics={"tta": "hflip", "accuracy_with_shift_tta": with_shifts})
+                     metrics={"tta": "hflip", "accuracy_with_shift_tta": with_shifts, **schedule})
