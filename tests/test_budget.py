@@ -113,12 +113,14 @@ def test_a_resolved_plan_survives_the_config_file(tmp_path):
 
 
 def test_the_fast_schedule_keeps_what_fits():
-    from pixclass.train.recipes.fast import steps_that_fit
-    assert steps_that_fit(10, 100, step_s=6, left_s=10_000, held_out=1000, rate=500) == 100  # all of it
-    assert steps_that_fit(10, 100, step_s=6, left_s=310, held_out=0, rate=500) == 60  # 10 done + 50 that fit
-    assert steps_that_fit(30, 100, step_s=6, left_s=-5, held_out=0, rate=500) == 30  # out of time: stop now
-    # the evaluation of the held-out images is paid for before more steps
-    assert steps_that_fit(10, 100, step_s=6, left_s=310, held_out=30_000, rate=500) < 60
+    from pixclass.train.recipes.fast import evaluation_seconds, steps_that_fit
+    assert steps_that_fit(10, 100, step_s=6, left_s=10_000) == 100  # all of it
+    assert steps_that_fit(10, 100, step_s=6, left_s=300) == 60  # 10 done + 50 that fit
+    assert steps_that_fit(30, 100, step_s=6, left_s=-5) == 30  # out of time: stop now
+    # the evaluation after training is paid for first: more held-out images, fewer steps
+    assert evaluation_seconds(30_000, 500, rate=500) > evaluation_seconds(1000, 500, rate=500) > 10
+    # the bank holds at most DEFAULT_BANK_SIZE training images
+    assert evaluation_seconds(0, 10**6, rate=500) == evaluation_seconds(0, 4096, rate=500)
 
 
 def test_the_fast_recipe_shortens_its_schedule_to_the_budget(tmp_path):

@@ -67,7 +67,7 @@ def test_fast_recipe_trains_and_saves_a_usable_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     m = summary["metrics"]
-    assert m["tta"] == "hflip" and m["accuracy"] > 0.5 and m["accuracy_with_shift_tta"] > 0.4
+    assert m["tta"] == "hflip" and m["accuracy"] > 0.5
     meta = json.loads((tmp_path / "r" / "model" / "pixclass.json").read_text())
     assert meta["arch"]["name"] == "airbench"
     assert meta["tta"] == "hflip"

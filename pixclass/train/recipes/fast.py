@@ -4,7 +4,7 @@ Data stays in memory as uint8; each batch is translated (reflect-padded random c
 on tensors ("alternating" flips: an image is mirrored in every other epoch, so two epochs see both
 versions); a frozen patch-whitening first layer is fitted to the data; SGD with Nesterov momentum
 on a summed, label-smoothed loss with a triangular learning-rate schedule; lookahead averaging of
-the weights every few steps; test-time augmentation over flips and one-pixel translations. On a
+the weights every few steps; the held-out images are scored on themselves and their mirror. On a
 CPU with AVX-512 BF16 the convolutions run in bfloat16 autocast (several times faster there;
 bench/RESULTS.md); elsewhere in float32."""
 
@@ -23,16 +23,18 @@ from torch import nn
 from ...data.loaders import SplitData, epoch_order
 from ...data.transforms import Preprocess
 from ...errors import UserError
+from ...feature_bank import DEFAULT_BANK_SIZE
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
+from ...tta import combine_views
 from ..balance import OFF, Balance
 from ..checkpoint import save_checkpoint
 from ..hooks import write_history
 from ..precision import resolve_precision
 from .. import budget as budget_plan
-from . import FitResult, Job, Recipe, held_out_split
-from .held_out import held_out_on_images
+from ..calibrate import ScoresOnImages
+from . import FitResult, HeldOut, Job, Recipe, held_out_split
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,10 @@ def lr_factor(step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def predict_tta(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype, tta: bool = True,
-                batch_size: int = 1000) -> np.ndarray:
-    """Probabilities; with TTA, the average over the image and its mirror, untranslated (weight
-    1/2) and shifted by one pixel up-left and down-right (1/4 each)."""
+def predict_mirrored(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype,
+                     batch_size: int = 1000) -> np.ndarray:
+    """Probabilities averaged over the image and its mirror, in `dtype` (the training's
+    autocast): the per-epoch validation figure."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -130,11 +132,6 @@ def predict_tta(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype, 
             def both(v):
                 return model(v).float() + model(v.flip(-1)).float()
             logits = both(x) / 2
-            if tta:
-                padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-                h, w = x.shape[-2:]
-                shifted = (both(padded[..., :h, :w]) + both(padded[..., 2:, 2:])) / 4
-                logits = 0.5 * logits + 0.5 * shifted
         out.append(softmax_probabilities(logits))
     return np.concatenate(out)
 
@@ -143,15 +140,19 @@ def batch_size_for(n: int, hyp: FastHyper) -> int:
     return min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
 
 
-def steps_that_fit(done: int, planned: int, step_s: float, left_s: float, held_out: int, rate: float) -> int:
+def steps_that_fit(done: int, planned: int, step_s: float, left_s: float) -> int:
     """How many optimizer steps the schedule can have in all, after `done` of `planned` took
-    `step_s` each, when `left_s` seconds of the budget remain and `held_out` images still need the
-    evaluation (about 8 network passes each at `rate` images/s of training: TTA averages 6 views,
-    and the report) plus a few seconds of writing. Steps, not epochs: a short budget on a large
-    set can stop inside the first epoch."""
-    evaluation_s = held_out * 8 / max(rate * 3, 1e-6) + 10
-    fits = int((left_s - evaluation_s) // max(step_s, 1e-6))
+    `step_s` each, when `left_s` seconds are left for training. Steps, not epochs: a short budget
+    on a large set can stop inside the first epoch."""
+    fits = int(left_s // max(step_s, 1e-6))
     return max(done, min(planned, done + fits))
+
+
+def evaluation_seconds(held_out: int, n_train: int, rate: float) -> float:
+    """What the run does after training, at `rate` images/s (a float32 forward pass runs about as
+    fast as a bfloat16 training step): the held-out images in two views (image and mirror), the
+    unknown-answer bank's training images in one, and a few seconds of writing."""
+    return (2 * held_out + min(n_train, DEFAULT_BANK_SIZE)) / max(rate, 1e-6) + 10
 
 
 # seconds of training between two looks at the budget (each one a little arithmetic)
@@ -185,7 +186,8 @@ class FastRecipe(Recipe):
         budget = job.budget if epochs is None else None
         result = fit_fast(job.model, job.data, epochs or hyp.epochs, job.cfg.train.seed,
                           job.cfg.train.precision, job.run_dir, job.reporter, hyp, budget, hooks=job.hooks,
-                          balance=job.balance or OFF, max_steps=job.cfg.train.max_steps)
+                          balance=job.balance or OFF, max_steps=job.cfg.train.max_steps,
+                          max_memory_gb=job.cfg.data.max_memory_gb)
         if budget is not None:
             run, steps, planned = len(result.history), result.history[-1]["step"], result.metrics["planned_steps"]
             job.record(job.cfg.replace("train", epochs=run, max_steps=steps if steps < planned else 0,
@@ -199,8 +201,9 @@ RECIPE = FastRecipe()
 
 def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path | None, reporter: Reporter,
              hyp: FastHyper = FastHyper(), budget=None, hooks=(), balance: Balance = OFF,
-             max_steps: int = 0) -> FitResult:
-    """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with TTA.
+             max_steps: int = 0, max_memory_gb: float = float("inf")) -> FitResult:
+    """Train `model` (an AirbenchNet) on data.train (in memory); held-out probabilities with the
+    mirror averaged in.
     With a `budget` (train.budget.Budget), every few seconds the schedule is shortened to the steps
     that still fit it: the learning-rate and averaging curves are functions of the share of steps
     done, so they stretch to the new length and still end annealed. `max_steps` (> 0) caps the
@@ -265,7 +268,8 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                                              or budget.left() <= 0):
                     last_check = now
                     step_s = (now - first_step_done) / (step - 1)
-                    fitting = steps_that_fit(step, total, step_s, budget.left(), held_out, batch_size / step_s)
+                    left = budget.left() - evaluation_seconds(held_out, n, batch_size / step_s)
+                    fitting = steps_that_fit(step, total, step_s, left)
                     if fitting < total:
                         if total == planned:
                             reporter.info(f"time budget: the schedule shortened to {fitting} of {planned} steps "
@@ -282,7 +286,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                "images_per_s": round(seen / (time.perf_counter() - t0), 1), "val_loss": None, "val_accuracy": None,
                "elapsed_s": round(time.perf_counter() - started, 1), "step": step}
         if data.val is not None and len(data.val):
-            probs = predict_tta(model, data.val.images, pre, dtype, tta=False)
+            probs = predict_mirrored(model, data.val.images, pre, dtype)
             row["val_loss"] = cross_entropy(data.val.labels.numpy(), probs)
             row["val_accuracy"] = float((probs.argmax(1) == data.val.labels.numpy()).mean())
         history.append(row)
@@ -307,11 +311,10 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         return FitResult(history, None, skipped=list(data.skipped), timings=timings, metrics=schedule)
     t0 = time.perf_counter()
     # the run reports what its saved model gives (`pixclass evaluate`): the artifact averages the
-    # image and its mirror ("hflip"); the recipe's fuller TTA (one-pixel shifts too, on bfloat16
-    # logits) is reported beside it
-    result = held_out_on_images(model, data, tta="hflip")
-    shifted = predict_tta(model, held.images, pre, dtype, tta=True)
+    # image and its mirror ("hflip"), in float32; calibration reuses this pass
+    scores = ScoresOnImages(model, data, max_memory_gb)
+    logits, _, labels = scores.split(name, "hflip")
+    result = HeldOut(name, combine_views(logits).numpy(), labels, list(held.paths))
     timings["tta_s"] = round(time.perf_counter() - t0, 1)
-    with_shifts = float((shifted.argmax(1) == held.labels.numpy()).mean())
     return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta="hflip",
-                     metrics={"tta": "hflip", "accuracy_with_shift_tta": with_shifts, **schedule})
+                     metrics={"tta": "hflip", **schedule}, cached_scores=scores)
