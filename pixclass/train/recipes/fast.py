@@ -27,14 +27,13 @@ from ...feature_bank import DEFAULT_BANK_SIZE
 from ...inference import softmax_probabilities
 from ...metrics import cross_entropy
 from ...progress import Reporter
-from ...tta import combine_views
 from ..balance import OFF, Balance
 from ..checkpoint import save_checkpoint
 from ..hooks import write_history
 from ..precision import resolve_precision
 from .. import budget as budget_plan
-from ..calibrate import ScoresOnImages
-from . import FitResult, HeldOut, Job, Recipe, held_out_split
+from . import FitResult, Job, Recipe
+from .held_out import held_out_and_scores
 
 
 @dataclass(frozen=True)
@@ -305,16 +304,14 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         save_checkpoint({"model": model.state_dict(), "epoch": epoch, "step": step, "history": history},
                         Path(run_dir) / "checkpoints" / "last.pt")
     timings = {"train_s": round(time.perf_counter() - started, 1)}
-    name, held = held_out_split({"val": data.val, "test": data.test})
     schedule = {"planned_steps": planned}
-    if held is None:
-        return FitResult(history, None, skipped=list(data.skipped), timings=timings, metrics=schedule)
     t0 = time.perf_counter()
     # the run reports what its saved model gives (`pixclass evaluate`): the artifact averages the
     # image and its mirror ("hflip"), in float32; calibration reuses this pass
-    scores = ScoresOnImages(model, data, max_memory_gb)
-    logits, _, labels = scores.split(name, "hflip")
-    result = HeldOut(name, combine_views(logits).numpy(), labels, list(held.paths))
+    result, scores = held_out_and_scores(model, data, "hflip", max_memory_gb)
+    if result is None:
+        return FitResult(history, None, skipped=list(data.skipped), timings=timings, metrics=schedule,
+                         cached_scores=scores)
     timings["tta_s"] = round(time.perf_counter() - t0, 1)
     return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta="hflip",
                      metrics={"tta": "hflip", **schedule}, cached_scores=scores)

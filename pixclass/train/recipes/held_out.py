@@ -4,6 +4,8 @@ inference backend (so they are what `pixclass evaluate` would compute on the sav
 from __future__ import annotations
 
 from ...inference import TorchBackend, predict_batches
+from ...tta import combine_views
+from ..calibrate import ScoresOnImages
 from . import HeldOut, held_out_split
 
 
@@ -17,6 +19,19 @@ def held_out_on_images(model, data, splits: dict | None = None, batch_size: int 
     backend = TorchBackend(model, data.classes, data.preprocess, tta, multilabel=data.multilabel)
     probs, labels, _ = predict_batches(backend, split.batches(batch_size))
     return HeldOut(name, probs, labels, list(getattr(split, "paths", [])))
+
+
+def held_out_and_scores(model, data, tta: str, max_memory_gb: float):
+    """(the held-out probabilities as the saved model gives them, on the `tta` views in float32;
+    the calibrate.ScoresOnImages that computed them). Calibration reads the same scores instead of
+    running the network over the held-out images again. Single-label models (a multi-label run
+    fits thresholds, not a temperature: held_out_on_images)."""
+    scores = ScoresOnImages(model, data, max_memory_gb)
+    name, split = held_out_split({"val": data.val, "test": data.test})
+    if split is None:
+        return None, scores
+    logits, _, labels = scores.split(name, tta)
+    return HeldOut(name, combine_views(logits).numpy(), labels, list(getattr(split, "paths", []))), scores
 
 
 def adversarial_held_out(model, data, eps_255: float, reporter=None, limit: int = 1000) -> dict:

@@ -12,7 +12,7 @@ from ..adversarial import FastAdversary
 from ..hooks import Checkpoints, HistoryFile
 from ..loop import ImageInputs, Trainer
 from . import FitResult, Job, Recipe, SweepTarget
-from .held_out import adversarial_held_out, held_out_on_images
+from .held_out import adversarial_held_out, held_out_and_scores, held_out_on_images
 
 EPOCHS = 10
 
@@ -44,12 +44,16 @@ class ScratchRecipe(Recipe):
         trainer.restore_best()
         val_accuracy = trainer.validate()["val_accuracy"]  # of the model kept, which may be an earlier epoch's
         job.model.cpu().eval()  # evaluation, the artifact and the report work on the CPU copy
-        held = held_out_on_images(job.model, job.data) if job.dist.main else None
+        held, scores = None, None
+        if job.dist.main and job.data.multilabel:
+            held = held_out_on_images(job.model, job.data)
+        elif job.dist.main:  # calibration reuses the pass over the held-out images
+            held, scores = held_out_and_scores(job.model, job.data, "none", cfg.data.max_memory_gb)
         metrics = {}
         if cfg.train.adversarial and held is not None:
             metrics["adversarial"] = adversarial_held_out(job.model, job.data, cfg.train.adversarial_eps, job.reporter)
         return FitResult(trainer.history, held, skipped=list(job.data.skipped), metrics=metrics,
-                         val_accuracy=val_accuracy)
+                         val_accuracy=val_accuracy, cached_scores=scores)
 
     def sweep_target(self, job: Job) -> SweepTarget:
         return SweepTarget(job.model, job.data.train, ImageInputs(job.data.preprocess, build_augment(job.cfg.augment)))
