@@ -148,10 +148,11 @@ def steps_that_fit(done: int, planned: int, step_s: float, left_s: float) -> int
 
 
 def evaluation_seconds(held_out: int, n_train: int, rate: float) -> float:
-    """What the run does after training, at `rate` images/s (a float32 forward pass runs about as
-    fast as a bfloat16 training step): the held-out images in two views (image and mirror), the
-    unknown-answer bank's training images in one, and a few seconds of writing."""
-    return (2 * held_out + min(n_train, DEFAULT_BANK_SIZE)) / max(rate, 1e-6) + 10
+    """What the run does after training, given training's `rate` images/s: the held-out images in
+    two views (image and mirror), the unknown-answer bank's training images in one, and a few
+    seconds of writing. A float32 forward pass runs at 2-2.5x the training rate (bench/RESULTS.md,
+    "Time budget at 2 and 10 minutes"); 2x is assumed."""
+    return (2 * held_out + min(n_train, DEFAULT_BANK_SIZE)) / max(2 * rate, 1e-6) + 10
 
 
 # seconds of training between two looks at the budget (each one a little arithmetic)
@@ -297,7 +298,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                                 if v is not None and k not in ("phase",)))
         epoch += 1
     if total < planned and budget is not None:
-        reporter.info(f"time budget: trained {step} of the schedule's {planned} steps ({epoch} epochs begun)")
+        reporter.info(f"time budget: trained {step} of the schedule's {planned} steps ({epoch} epoch{'s' if epoch != 1 else ''} begun)")
     lookahead.update(1.0)  # finish on the averaged weights
     model.eval()
     if run_dir is not None:
