@@ -139,6 +139,10 @@ def batch_size_for(n: int, hyp: FastHyper) -> int:
     return min(hyp.batch_size, max(32, 2 ** int(math.log2(max(n // 8, 1)))))
 
 
+def steps_per_epoch_for(n: int, batch_size: int) -> int:
+    return n // batch_size if n >= batch_size else 1
+
+
 def steps_that_fit(done: int, planned: int, step_s: float, left_s: float) -> int:
     """How many optimizer steps the schedule can have in all, after `done` of `planned` took
     `step_s` each, when `left_s` seconds are left for training. Steps, not epochs: a short budget
@@ -189,7 +193,9 @@ class FastRecipe(Recipe):
                           balance=job.balance or OFF, max_steps=job.cfg.train.max_steps,
                           max_memory_gb=job.cfg.data.max_memory_gb)
         if budget is not None:
-            run, steps, planned = len(result.history), result.history[-1]["step"], result.metrics["planned_steps"]
+            n = len(job.data.train)
+            planned = steps_per_epoch_for(n, batch_size_for(n, hyp)) * hyp.epochs
+            run, steps = len(result.history), result.history[-1]["step"]
             job.record(job.cfg.replace("train", epochs=run, max_steps=steps if steps < planned else 0,
                                        plan=f"{budget.minutes:g} min budget: {steps} of the schedule's {planned} "
                                             f"steps ({run} of {hyp.epochs} epochs)"))
@@ -223,7 +229,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     optimizer = torch.optim.SGD(_param_groups(model, hyp, batch_size), momentum=hyp.momentum, nesterov=True)
     loss_fn = nn.CrossEntropyLoss(weight=balance.loss_weights(), label_smoothing=hyp.label_smoothing, reduction="sum")
     sample_weights = balance.sample_weights(train.labels)
-    steps_per_epoch = n // batch_size if n >= batch_size else 1
+    steps_per_epoch = steps_per_epoch_for(n, batch_size)
     planned = steps_per_epoch * epochs
     total = min(planned, max_steps) if max_steps else planned
     lookahead = Lookahead(model)
@@ -298,21 +304,20 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                                 if v is not None and k not in ("phase",)))
         epoch += 1
     if total < planned and budget is not None:
-        reporter.info(f"time budget: trained {step} of the schedule's {planned} steps ({epoch} epoch{'s' if epoch != 1 else ''} begun)")
+        begun = f"{epoch} epoch{'s' if epoch != 1 else ''}"
+        reporter.info(f"time budget: trained {step} of the schedule's {planned} steps ({begun} begun)")
     lookahead.update(1.0)  # finish on the averaged weights
     model.eval()
     if run_dir is not None:
         save_checkpoint({"model": model.state_dict(), "epoch": epoch, "step": step, "history": history},
                         Path(run_dir) / "checkpoints" / "last.pt")
     timings = {"train_s": round(time.perf_counter() - started, 1)}
-    schedule = {"planned_steps": planned}
     t0 = time.perf_counter()
     # the run reports what its saved model gives (`pixclass evaluate`): the artifact averages the
     # image and its mirror ("hflip"), in float32; calibration reuses this pass
     result, scores = held_out_and_scores(model, data, "hflip", max_memory_gb)
     if result is None:
-        return FitResult(history, None, skipped=list(data.skipped), timings=timings, metrics=schedule,
-                         cached_scores=scores)
+        return FitResult(history, None, skipped=list(data.skipped), timings=timings, cached_scores=scores)
     timings["tta_s"] = round(time.perf_counter() - t0, 1)
     return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta="hflip",
-                     metrics={"tta": "hflip", **schedule}, cached_scores=scores)
+                     metrics={"tta": "hflip"}, cached_scores=scores)
