@@ -129,7 +129,8 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0  # L2 penalty; decoupled for AdamW
     momentum: float = 0.9
-    label_smoothing: float = 0.0
+    # None: the recipe's own (the fast recipe's airbench schedule 0.2, the others none)
+    label_smoothing: float | None = None
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     step_size: int = 10  # step schedule: epochs between decays
@@ -208,7 +209,7 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, ("constant", "step", "cosine", "onecycle", "plateau"))
         _check_choice("monitor", self.monitor, ("val_loss", "val_accuracy"))
         _check(self.weight_decay >= 0, "weight_decay must be >= 0")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _check(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
         _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         _check(self.early_stopping >= 0, "early_stopping must be >= 0")
         _check(self.step_size >= 1 and 0 < self.gamma <= 1, "step_size must be >= 1 and gamma in (0, 1]")

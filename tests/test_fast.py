@@ -131,6 +131,35 @@ def test_fast_recipe_rejects_another_model(tmp_path):
     assert proc.returncode == 2 and "--recipe fast trains its own network" in proc.stderr
 
 
+def test_fast_recipe_refuses_settings_it_would_ignore(tmp_path):
+    """airbench's optimizer, schedule and batch size are its own: a flag for them would do nothing,
+    so it is an error that names it, before any run folder is made."""
+    data = make_shapes(tmp_path / "shapes", per_class=4)
+    proc = run_cli("train", data, "--recipe", "fast", "--lr", "0.5", "--batch-size", "128", "--out", tmp_path / "r")
+    assert proc.returncode == 2 and "--batch-size, --lr would have no effect" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_fast_recipe_takes_label_smoothing_and_records_what_it_trained_with(tmp_path, monkeypatch):
+    import yaml
+    monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_shapes(tmp_path / "shapes", per_class=16)
+    args = ["train", data, "--recipe", "fast", "--epochs", "1", "--image-size", "32", "-q"]
+    runs = {"own": (), "off": ("--label-smoothing", "0")}
+    for name, extra in runs.items():
+        assert run_cli(*args, *extra, "--out", tmp_path / name).returncode == 0
+    recorded = {name: yaml.safe_load((tmp_path / name / "config.yaml").read_text())["train"]["label_smoothing"]
+                for name in runs}
+    assert recorded == {"own": 0.2, "off": 0.0}
+    import csv
+    losses = {name: next(csv.DictReader((tmp_path / name / "metrics.csv").open()))["train_loss"] for name in runs}
+    assert losses["own"] != losses["off"]  # same seed, data and steps: only the loss differs
+    again = run_cli("train", "--config", tmp_path / "off" / "config.yaml", "-q", "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    assert ((tmp_path / "again" / "model" / "model.safetensors").read_bytes()
+            == (tmp_path / "off" / "model" / "model.safetensors").read_bytes())
+
+
 def test_decoded_images_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))  # empty: nothing decoded before
     data = make_shapes(tmp_path / "shapes", per_class=10)

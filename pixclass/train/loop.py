@@ -95,8 +95,8 @@ class Trainer:
         if self.multilabel:
             self.loss_fn, self.loss_sum = nn.BCEWithLogitsLoss(), nn.BCEWithLogitsLoss(reduction="sum")
         else:
-            self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-            self.loss_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum")
+            self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing or 0.0)
+            self.loss_sum = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing or 0.0, reduction="sum")
         self.sample_weights = self.balance.sample_weights(train.labels)
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]

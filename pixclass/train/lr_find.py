@@ -66,7 +66,7 @@ def range_test(target, cfg: TrainConfig, device=None, steps: int = STEPS, start:
                                 dataclasses.replace(cfg, lr=start))
     # a multi-label split (multi-hot labels N x K) sweeps the loss it trains with
     loss_fn = nn.BCEWithLogitsLoss() if target.train.labels.ndim == 2 else \
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing or 0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
     lrs, losses, average, best = [], [], 0.0, math.inf
     module.train()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,25 @@ def evaluation_seconds(held_out: int, n_train: int, rate: float) -> float:
 # seconds of training between two looks at the budget (each one a little arithmetic)
 BUDGET_CHECK_S = 5.0
 
+# train settings the fast recipe has its own values for (airbench's optimizer, schedule and batch
+# size, FastHyper): a value other than the config's default would be silently ignored, so it is
+# refused instead. Label smoothing is not here: the recipe takes it (FastHyper's 0.2 when unset).
+OWN_SETTINGS = {"batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
+                "weight_decay": "--weight-decay", "momentum": "train.momentum", "schedule": "--schedule",
+                "warmup_epochs": "--warmup-epochs", "step_size": "train.step_size", "gamma": "train.gamma",
+                "plateau_patience": "train.plateau_patience", "early_stopping": "--early-stopping",
+                "monitor": "--monitor"}
+
+
+def settings_it_would_ignore(cfg) -> list[str]:
+    """The flags (or config keys) of `cfg` set to something the fast recipe does not use."""
+    from ...config import TrainConfig
+    default = TrainConfig()
+    named = [flag for field, flag in OWN_SETTINGS.items() if getattr(cfg.train, field) != getattr(default, field)]
+    if cfg.model.dropout is not None:  # airbench has no dropout
+        named.append("--dropout")
+    return named
+
 
 class FastRecipe(Recipe):
     name = "fast"
@@ -178,6 +197,11 @@ class FastRecipe(Recipe):
         if family.default_recipe(cfg.model.name, cfg.model) != "fast":
             raise UserError(f"--recipe fast trains its own network (airbench or airbench-wide); "
                             f"drop --model {cfg.model.name}")
+        ignored = settings_it_would_ignore(cfg)
+        if ignored:
+            raise UserError(f"the fast recipe runs airbench's own optimizer, schedule and batch size, so "
+                            f"{', '.join(ignored)} would have no effect: drop {'it' if len(ignored) == 1 else 'them'}, "
+                            f"or train with --recipe scratch to set {'it' if len(ignored) == 1 else 'them'}")
 
     def fit(self, job: Job) -> FitResult:
         if not isinstance(job.data.train, SplitData):
@@ -185,6 +209,9 @@ class FastRecipe(Recipe):
                             "and the cache could not be written (see the warning above): free disk space in "
                             "PIXCLASS_CACHE_DIR or raise --max-memory")
         hyp = hyper_for(job.arch["name"])
+        if job.cfg.train.label_smoothing is None:  # recorded, so config.yaml says what the run trained with
+            job.record(job.cfg.replace("train", label_smoothing=hyp.label_smoothing))
+        hyp = replace(hyp, label_smoothing=job.cfg.train.label_smoothing)
         epochs = job.cfg.train.epochs
         # with the epochs left to the budget, the schedule shortens itself to the steps that fit (fit_fast)
         budget = job.budget if epochs is None else None
