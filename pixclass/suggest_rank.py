@@ -20,6 +20,12 @@ MEASURES = ("margin", "entropy")
 SIMILAR = 0.9
 # how many times n of the most uncertain images the clusters are formed from
 CANDIDATES = 5
+# up to this many picks the clusters come from full k-means (3 starts) on the embeddings; above
+# it from mini-batch k-means (one start) on their first REDUCED_DIMENSIONS principal components:
+# full k-means costs about candidates x n x n x dimensions per iteration, which for 2,000 picks
+# of 1,280-dimensional embeddings was minutes (bench/RESULTS.md)
+EXACT_KMEANS_UP_TO = 500
+REDUCED_DIMENSIONS = 64
 
 
 def uncertainty(probs: np.ndarray, measure: str = "margin") -> np.ndarray:
@@ -45,8 +51,9 @@ def pick_diverse(scores: np.ndarray, embeddings: np.ndarray | None, n: int, simi
     unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     picks = _Picks(unit, similar)
     pool = order[:min(len(order), candidates * n)]
-    for i in _by_cluster(unit[pool], scores[pool], n, seed):
-        picks.take_first_fresh(pool[i])
+    for members, everyone in _by_cluster(unit[pool], scores[pool], n, seed):
+        if not picks.take_first_fresh(pool[members]):  # each member taken or near-identical to a pick
+            picks.take_first_fresh(pool[everyone()])
     # fewer distinct clusters than asked (duplicates): the most uncertain of the rest, fresh ones first
     picks.take_first_fresh(order, n - len(picks.taken))
     picks.take_first_fresh(order, n - len(picks.taken), allow_similar=True)
@@ -61,27 +68,42 @@ class _Picks:
         self.closest = np.full(len(unit), -1.0)
         self.is_taken = np.zeros(len(unit), bool)
 
-    def take_first_fresh(self, ranked: np.ndarray, count: int = 1, allow_similar: bool = False) -> None:
+    def take_first_fresh(self, ranked: np.ndarray, count: int = 1, allow_similar: bool = False) -> int:
         """Take the first `count` images of `ranked` not taken yet and (unless allowed) not
-        near-identical to a pick."""
+        near-identical to a pick; how many it took."""
+        took = 0
         for i in ranked:
-            if count <= 0:
-                return
+            if took == count:
+                break
             if self.is_taken[i] or (not allow_similar and self.closest[i] > self.similar):
                 continue
             self.taken.append(int(i))
             self.is_taken[i] = True
             np.maximum(self.closest, self.unit @ self.unit[i], out=self.closest)
-            count -= 1
+            took += 1
+        return took
 
 
-def _by_cluster(unit: np.ndarray, scores: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
-    """For each of n uncertainty-weighted k-means clusters of `unit`, heaviest first, its
-    positions ordered by distance to the cluster's centre."""
-    from sklearn.cluster import KMeans
+def _by_cluster(unit: np.ndarray, scores: np.ndarray, n: int, seed: int):
+    """For each of n uncertainty-weighted k-means clusters of `unit`, heaviest first: its members'
+    positions ordered by distance to its centre, and a function giving every position so ordered
+    (for a cluster none of whose members can be taken). Never an N x n distance matrix: at
+    thousands of picks it would not fit in memory."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.decomposition import PCA
+    weights = scores + 1e-6
+    if n <= EXACT_KMEANS_UP_TO:
+        kmeans = KMeans(n, n_init=3, random_state=seed)
+    else:
+        kmeans = MiniBatchKMeans(n, n_init=1, batch_size=1024, random_state=seed)
+        if unit.shape[1] > REDUCED_DIMENSIONS:
+            unit = PCA(REDUCED_DIMENSIONS, random_state=seed).fit_transform(unit)
     with warnings.catch_warnings():  # duplicates can leave fewer distinct points than clusters
         warnings.simplefilter("ignore")
-        kmeans = KMeans(n, n_init=3, random_state=seed).fit(unit, sample_weight=scores + 1e-6)
-    distance = kmeans.transform(unit)
-    weight = np.bincount(kmeans.labels_, weights=scores + 1e-6, minlength=n)
-    return [np.argsort(distance[:, c], kind="stable") for c in np.argsort(-weight, kind="stable")]
+        kmeans.fit(unit, sample_weight=weights)
+    labels, centres = kmeans.labels_, kmeans.cluster_centers_
+    by_distance = lambda positions, c: positions[np.argsort(  # noqa: E731
+        np.linalg.norm(unit[positions] - centres[c], axis=1), kind="stable")]
+    everyone = np.arange(len(unit))
+    for c in np.argsort(-np.bincount(labels, weights=weights, minlength=n), kind="stable"):
+        yield by_distance(np.flatnonzero(labels == c), c), lambda c=c: by_distance(everyone, c)

@@ -1,7 +1,9 @@
 """The ranking behind `pixclass suggest`: uncertain images that differ from each other."""
 
 import numpy as np
+import pytest
 
+from pixclass import suggest_rank
 from pixclass.suggest_rank import pick_diverse, uncertainty
 
 
@@ -14,7 +16,11 @@ def _groups(rng, centres: int, per_group: int, spread: float, dim: int = 32) -> 
     return x / np.linalg.norm(x, axis=1, keepdims=True), group
 
 
-def test_picks_spread_over_the_uncertain_groups_instead_of_crowding_the_most_uncertain_one():
+@pytest.mark.parametrize("many", [False, True], ids=["k-means", "mini-batch k-means on principal components"])
+def test_picks_spread_over_the_uncertain_groups_instead_of_crowding_the_most_uncertain_one(many, monkeypatch):
+    if many:  # the path of thousands of picks, here at five: mini-batch k-means on 8 of the 32 dimensions
+        monkeypatch.setattr(suggest_rank, "EXACT_KMEANS_UP_TO", 4)
+        monkeypatch.setattr(suggest_rank, "REDUCED_DIMENSIONS", 8)
     rng = np.random.default_rng(0)
     x, group = _groups(rng, centres=6, per_group=8, spread=0.5)
     within = [float(x[i] @ x[j]) for i in range(8) for j in range(i + 1, 8)]
