@@ -160,6 +160,27 @@ def test_fast_recipe_takes_label_smoothing_and_records_what_it_trained_with(tmp_
             == (tmp_path / "off" / "model" / "model.safetensors").read_bytes())
 
 
+def test_augment_none_trains_and_predicts_without_mirrored_images(tmp_path, monkeypatch):
+    """Digits, text and arrows change meaning in a mirror: with --augment none the fast recipe
+    neither trains on mirrored or shifted images nor averages the mirror in the saved model."""
+    monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_shapes(tmp_path / "shapes", per_class=16)
+    args = ["train", data, "--recipe", "fast", "--epochs", "1", "--image-size", "32", "--json", "-q"]
+    runs = {"own": (), "none": ("--augment", "none")}
+    done = {name: run_cli(*args, *extra, "--out", tmp_path / name) for name, extra in runs.items()}
+    assert all(proc.returncode == 0 for proc in done.values()), [p.stderr for p in done.values()]
+    tta = {name: json.loads((tmp_path / name / "model" / "pixclass.json").read_text())["tta"] for name in runs}
+    assert tta == {"own": "hflip", "none": "none"}
+    assert json.loads(done["none"].stdout)["metrics"]["tta"] == "none"
+    import csv
+    losses = {name: next(csv.DictReader((tmp_path / name / "metrics.csv").open()))["train_loss"] for name in runs}
+    assert losses["own"] != losses["none"]
+    config = tmp_path / "rotated.yaml"
+    config.write_text(f"data: {{path: {data}, image_size: 32}}\ntrain: {{recipe: fast}}\naugment: {{rotation: 5}}\n")
+    refused = run_cli("train", "--config", config, "--out", tmp_path / "rotated")
+    assert refused.returncode == 2 and "augment.rotation would have no effect" in refused.stderr, refused.stderr
+
+
 def test_decoded_images_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXCLASS_CACHE_DIR", str(tmp_path / "cache"))  # empty: nothing decoded before
     data = make_shapes(tmp_path / "shapes", per_class=10)

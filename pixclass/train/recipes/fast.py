@@ -4,7 +4,9 @@ Data stays in memory as uint8; each batch is translated (reflect-padded random c
 on tensors ("alternating" flips: an image is mirrored in every other epoch, so two epochs see both
 versions); a frozen patch-whitening first layer is fitted to the data; SGD with Nesterov momentum
 on a summed, label-smoothed loss with a triangular learning-rate schedule; lookahead averaging of
-the weights every few steps; the held-out images are scored on themselves and their mirror. On a
+the weights every few steps; the held-out images are scored on themselves and their mirror
+(`--augment none` turns off translations and mirroring, `augment.horizontal_flip: false` the
+mirroring, for data whose mirror image means something else). On a
 CPU with AVX-512 BF16 the convolutions run in bfloat16 autocast (several times faster there;
 bench/RESULTS.md); elsewhere in float32."""
 
@@ -46,6 +48,9 @@ class FastHyper:
     label_smoothing: float = 0.2
     whiten_bias_epochs: int = 3
     translate: int = 2
+    # mirrored images in training (alternating flips) and in the saved model's prediction (hflip
+    # TTA); off for data whose mirror image means something else (digits, text, arrows)
+    mirror: bool = True
     lookahead_every: int = 5
     epochs: int = 10  # the default; --epochs overrides it
 
@@ -120,9 +125,9 @@ def lr_factor(step: int, total: int) -> float:
 
 @torch.no_grad()
 def predict_mirrored(model: nn.Module, images: torch.Tensor, pre: Preprocess, dtype,
-                     batch_size: int = 1000) -> np.ndarray:
-    """Probabilities averaged over the image and its mirror, in `dtype` (the training's
-    autocast): the per-epoch validation figure."""
+                     batch_size: int = 1000, mirror: bool = True) -> np.ndarray:
+    """Probabilities averaged over the image and its mirror (the image alone without `mirror`),
+    in `dtype` (the training's autocast): the per-epoch validation figure."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -130,7 +135,7 @@ def predict_mirrored(model: nn.Module, images: torch.Tensor, pre: Preprocess, dt
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             def both(v):
                 return model(v).float() + model(v.flip(-1)).float()
-            logits = both(x) / 2
+            logits = both(x) / 2 if mirror else model(x).float()
         out.append(softmax_probabilities(logits))
     return np.concatenate(out)
 
@@ -164,7 +169,8 @@ BUDGET_CHECK_S = 5.0
 
 # train settings the fast recipe has its own values for (airbench's optimizer, schedule and batch
 # size, FastHyper): a value other than the config's default would be silently ignored, so it is
-# refused instead. Label smoothing is not here: the recipe takes it (FastHyper's 0.2 when unset).
+# refused instead. Label smoothing is not here: the recipe takes it (FastHyper's 0.2 when unset);
+# nor are augment.policy and augment.horizontal_flip (see AUGMENT_TAKEN).
 OWN_SETTINGS = {"batch_size": "--batch-size", "lr": "--lr", "optimizer": "--optimizer",
                 "weight_decay": "--weight-decay", "momentum": "train.momentum", "schedule": "--schedule",
                 "warmup_epochs": "--warmup-epochs", "step_size": "train.step_size", "gamma": "train.gamma",
@@ -172,11 +178,19 @@ OWN_SETTINGS = {"batch_size": "--batch-size", "lr": "--lr", "optimizer": "--opti
                 "monitor": "--monitor"}
 
 
+# what the fast recipe takes of the augment settings: policy "none" turns off its translations
+# and mirroring, horizontal_flip false its mirroring; its other augmentation is airbench's own
+AUGMENT_TAKEN = ("policy", "horizontal_flip")
+
+
 def settings_it_would_ignore(cfg) -> list[str]:
     """The flags (or config keys) of `cfg` set to something the fast recipe does not use."""
-    from ...config import TrainConfig
+    from dataclasses import fields
+    from ...config import AugmentConfig, TrainConfig
     default = TrainConfig()
     named = [flag for field, flag in OWN_SETTINGS.items() if getattr(cfg.train, field) != getattr(default, field)]
+    named += [f"augment.{f.name}" for f in fields(AugmentConfig) if f.name not in AUGMENT_TAKEN
+              and getattr(cfg.augment, f.name) != getattr(AugmentConfig(), f.name)]
     if cfg.model.dropout is not None:  # airbench has no dropout
         named.append("--dropout")
     return named
@@ -212,6 +226,9 @@ class FastRecipe(Recipe):
         if job.cfg.train.label_smoothing is None:  # recorded, so config.yaml says what the run trained with
             job.record(job.cfg.replace("train", label_smoothing=hyp.label_smoothing))
         hyp = replace(hyp, label_smoothing=job.cfg.train.label_smoothing)
+        augment = job.cfg.augment
+        if augment.policy == "none" or not augment.horizontal_flip:
+            hyp = replace(hyp, mirror=False, translate=0 if augment.policy == "none" else hyp.translate)
         epochs = job.cfg.train.epochs
         # with the epochs left to the budget, the schedule shortens itself to the steps that fit (fit_fast)
         budget = job.budget if epochs is None else None
@@ -272,7 +289,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
         model.train()
         model.whiten.bias.requires_grad_(epoch < hyp.whiten_bias_epochs)
         order = epoch_order(n, True, g, sample_weights)
-        flips = flip_base ^ bool(epoch % 2)
+        flips = flip_base ^ bool(epoch % 2) if hyp.mirror else torch.zeros(n, dtype=torch.bool)
         t0, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
         with reporter.bar(f"epoch {epoch + 1}/{epochs}", steps_per_epoch * batch_size, stats=True) as bar:
             for b in range(steps_per_epoch):
@@ -319,7 +336,7 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
                "images_per_s": round(seen / (time.perf_counter() - t0), 1), "val_loss": None, "val_accuracy": None,
                "elapsed_s": round(time.perf_counter() - started, 1), "step": step}
         if data.val is not None and len(data.val):
-            probs = predict_mirrored(model, data.val.images, pre, dtype)
+            probs = predict_mirrored(model, data.val.images, pre, dtype, mirror=hyp.mirror)
             row["val_loss"] = cross_entropy(data.val.labels.numpy(), probs)
             row["val_accuracy"] = float((probs.argmax(1) == data.val.labels.numpy()).mean())
         history.append(row)
@@ -341,10 +358,11 @@ def fit_fast(model, data, epochs: int, seed: int, precision: str, run_dir: Path 
     timings = {"train_s": round(time.perf_counter() - started, 1)}
     t0 = time.perf_counter()
     # the run reports what its saved model gives (`pixclass evaluate`): the artifact averages the
-    # image and its mirror ("hflip"), in float32; calibration reuses this pass
-    result, scores = held_out_and_scores(model, data, "hflip", max_memory_gb)
+    # image and its mirror ("hflip", unless mirroring is off), in float32; calibration reuses this pass
+    tta = "hflip" if hyp.mirror else "none"
+    result, scores = held_out_and_scores(model, data, tta, max_memory_gb)
     if result is None:
         return FitResult(history, None, skipped=list(data.skipped), timings=timings, cached_scores=scores)
     timings["tta_s"] = round(time.perf_counter() - t0, 1)
-    return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta="hflip",
-                     metrics={"tta": "hflip"}, cached_scores=scores)
+    return FitResult(history, result, skipped=list(data.skipped), timings=timings, tta=tta,
+                     metrics={"tta": tta}, cached_scores=scores)
