@@ -102,8 +102,9 @@ def _by_cluster(unit: np.ndarray, scores: np.ndarray, n: int, seed: int):
         warnings.simplefilter("ignore")
         kmeans.fit(unit, sample_weight=weights)
     labels, centres = kmeans.labels_, kmeans.cluster_centers_
-    by_distance = lambda positions, c: positions[np.argsort(  # noqa: E731
-        np.linalg.norm(unit[positions] - centres[c], axis=1), kind="stable")]
+
+    def by_distance(positions: np.ndarray, c: int) -> np.ndarray:
+        return positions[np.argsort(np.linalg.norm(unit[positions] - centres[c], axis=1), kind="stable")]
     everyone = np.arange(len(unit))
     for c in np.argsort(-np.bincount(labels, weights=weights, minlength=n), kind="stable"):
         yield by_distance(np.flatnonzero(labels == c), c), lambda c=c: by_distance(everyone, c)

@@ -63,6 +63,19 @@ def hyper_for(network: str) -> FastHyper:
     return FastHyper()
 
 
+def hyper_from(network: str, cfg) -> FastHyper:
+    """The network's settings with what the run's config may change in them: label smoothing,
+    and the mirroring and translations `augment` turns off."""
+    hyp = hyper_for(network)
+    if cfg.train.label_smoothing is not None:
+        hyp = replace(hyp, label_smoothing=cfg.train.label_smoothing)
+    if cfg.augment.policy == "none":
+        hyp = replace(hyp, mirror=False, translate=0)
+    elif not cfg.augment.horizontal_flip:
+        hyp = replace(hyp, mirror=False)
+    return hyp
+
+
 def _standardize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     mean = torch.tensor(pre.mean).view(1, -1, 1, 1) * 255
     std = torch.tensor(pre.std).view(1, -1, 1, 1) * 255
@@ -133,9 +146,9 @@ def predict_mirrored(model: nn.Module, images: torch.Tensor, pre: Preprocess, dt
     for start in range(0, len(images), batch_size):
         x = _standardize(images[start:start + batch_size], pre)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            def both(v):
-                return model(v).float() + model(v.flip(-1)).float()
-            logits = both(x) / 2 if mirror else model(x).float()
+            logits = model(x).float()
+            if mirror:
+                logits = (logits + model(x.flip(-1)).float()) / 2
         out.append(softmax_probabilities(logits))
     return np.concatenate(out)
 
@@ -187,10 +200,10 @@ def settings_it_would_ignore(cfg) -> list[str]:
     """The flags (or config keys) of `cfg` set to something the fast recipe does not use."""
     from dataclasses import fields
     from ...config import AugmentConfig, TrainConfig
-    default = TrainConfig()
-    named = [flag for field, flag in OWN_SETTINGS.items() if getattr(cfg.train, field) != getattr(default, field)]
+    train, augment = TrainConfig(), AugmentConfig()
+    named = [flag for field, flag in OWN_SETTINGS.items() if getattr(cfg.train, field) != getattr(train, field)]
     named += [f"augment.{f.name}" for f in fields(AugmentConfig) if f.name not in AUGMENT_TAKEN
-              and getattr(cfg.augment, f.name) != getattr(AugmentConfig(), f.name)]
+              and getattr(cfg.augment, f.name) != getattr(augment, f.name)]
     if cfg.model.dropout is not None:  # airbench has no dropout
         named.append("--dropout")
     return named
@@ -222,13 +235,9 @@ class FastRecipe(Recipe):
             raise UserError("--recipe fast reads the training images from memory or from the decoded-image cache, "
                             "and the cache could not be written (see the warning above): free disk space in "
                             "PIXCLASS_CACHE_DIR or raise --max-memory")
-        hyp = hyper_for(job.arch["name"])
+        hyp = hyper_from(job.arch["name"], job.cfg)
         if job.cfg.train.label_smoothing is None:  # recorded, so config.yaml says what the run trained with
             job.record(job.cfg.replace("train", label_smoothing=hyp.label_smoothing))
-        hyp = replace(hyp, label_smoothing=job.cfg.train.label_smoothing)
-        augment = job.cfg.augment
-        if augment.policy == "none" or not augment.horizontal_flip:
-            hyp = replace(hyp, mirror=False, translate=0 if augment.policy == "none" else hyp.translate)
         epochs = job.cfg.train.epochs
         # with the epochs left to the budget, the schedule shortens itself to the steps that fit (fit_fast)
         budget = job.budget if epochs is None else None
