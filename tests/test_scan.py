@@ -42,6 +42,26 @@ def test_manifest_keeps_existing_files_in_their_split(tmp_path):
     assert set(read_manifest(tmp_path / "manifest.csv", root)) == set(before)
 
 
+def test_manifest_keeps_the_validation_carved_from_a_given_train_folder(tmp_path):
+    # train/ and test/ given, val carved out of train/: a rerun with the manifest and another
+    # carve fraction (another --split, or another recipe's own carve) keeps the first run's val
+    make_shapes(tmp_path / "d" / "train", per_class=20)
+    make_shapes(tmp_path / "d" / "test", per_class=5, seed=4)
+    first = scan_dataset(tmp_path / "d", fractions=(0.7, 0.15, 0.15))
+    write_manifest(first, tmp_path / "manifest.csv")
+    make_shapes(tmp_path / "extra", per_class=10, seed=5)
+    for f in (tmp_path / "extra" / "circle").iterdir():
+        f.rename(tmp_path / "d" / "train" / "circle" / f"new_{f.name}")
+    second = scan_dataset(tmp_path / "d", fractions=(0.95, 0.05, 0.0), manifest=tmp_path / "manifest.csv")
+    before = {s.path: s.split for s in first.samples}
+    after = {s.path: s.split for s in second.samples}
+    assert Counter(before.values())["val"] > 0
+    assert all(after[p] == split for p, split in before.items())
+    new = [s.split for s in second.samples if s.path.name.startswith("new_")]
+    assert len(new) == 10 and set(new) <= {"train", "val"}
+    assert scan_dataset(tmp_path / "d", fractions=(0.95, 0.05, 0.0)).counts() != second.counts()
+
+
 def test_split_folder_layout_with_and_without_val(tmp_path):
     make_shapes(tmp_path / "a" / "train", per_class=20)
     make_shapes(tmp_path / "a" / "valid", per_class=4, seed=3)

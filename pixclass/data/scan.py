@@ -248,7 +248,7 @@ def scan_dataset(root, fractions=(0.7, 0.15, 0.15), seed: int = 0, manifest: Pat
     if "train" in split_dirs:
         ignored: list[Path] = []
         tables = {split: scan_class_folders(d, ignored) for split, d in split_dirs.items()}
-        return _scan_given_splits(root, tables, split_dirs, fractions, seed, ignored, "split-folders")
+        return _scan_given_splits(root, tables, split_dirs, fractions, seed, ignored, "split-folders", manifest)
     ignored = []
     per_class = scan_class_folders(root, ignored)
     return _scan_unsplit(root, per_class, root, fractions, seed, manifest, ignored, "class-folders")
@@ -284,7 +284,7 @@ def _scan_label_csv(path: Path, fractions, seed, manifest) -> ScannedDataset:
     if "train" not in tables:
         raise DatasetError(f"{path}: no row has the split 'train'")
     where = {split: f"{path} (split {split})" for split in tables}
-    return _scan_given_splits(path.parent, tables, where, fractions, seed, [], "label-csv")
+    return _scan_given_splits(path.parent, tables, where, fractions, seed, [], "label-csv", manifest)
 
 
 def _scan_multilabel(path: Path, rows, fractions, seed, manifest) -> ScannedDataset:
@@ -312,14 +312,24 @@ def _scan_multilabel(path: Path, rows, fractions, seed, manifest) -> ScannedData
 
 
 def _scan_given_splits(root: Path, tables: dict[str, dict[str, list[Path]]], where: dict, fractions, seed,
-                       ignored: list[Path], layout: str) -> ScannedDataset:
+                       ignored: list[Path], layout: str, manifest: Path | None = None) -> ScannedDataset:
     """Files whose split is given (folders or a CSV column); without a val split one is carved
-    out of train, stratified, unless --split asks for none."""
+    out of train, stratified, unless --split asks for none. With an earlier run's manifest the
+    carve is that run's: a training file it lists keeps its train or val (so `--manifest` reruns
+    judge and calibrate on the same images whatever --split or the recipe's own carve says), and a
+    file it does not list is placed by its path, as in an unsplit folder. The given val and test
+    files stay where the folders or the CSV put them."""
     train = tables["train"]
     empty = _check_classes(train, where["train"], ignored)
     classes = sorted(train)
     samples: list[Sample] = []
-    if "val" in tables or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
+    previous = read_manifest(manifest, root) if manifest and "val" not in tables else {}
+    carved = {p: split for p, (_, split) in previous.items() if split in ("train", "val")}
+    if carved:
+        f_val = fractions[1] / (fractions[0] + fractions[1]) if fractions[0] + fractions[1] else 0.0
+        assignment = {p: carved.get(p) or _assign_new_file(Path(os.path.relpath(p, root)), (1 - f_val, f_val, 0.0), seed)
+                      for files in train.values() for p in files}
+    elif "val" in tables or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
         assignment = {p: "train" for files in train.values() for p in files}
     else:  # carve a validation set out of train/, stratified like a full split
         f_val = fractions[1] / (fractions[0] + fractions[1])
