@@ -24,7 +24,6 @@ usage: python bench/calibration_ood.py RUN_DIR OOD_FOLDER [--ood-limit N] [--kee
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_json  # noqa: E402
 
 from pixclass import artifact as artifact_io  # noqa: E402
 from pixclass.calibration import fit_temperature  # noqa: E402
@@ -157,10 +157,7 @@ def main() -> None:
         result["stored"] = {"method": stored.method, "threshold": stored.threshold,
                             "test_unknown": float((s_test < stored.threshold).mean()),
                             "ood_unknown": float((s_ood < stored.threshold).mean())}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -43,3 +44,11 @@ def result_fields(output: str) -> dict:
 
 def pixclass_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "pixclass", *map(str, args)]
+
+
+def print_json(result: dict, path: Path | None = None) -> None:
+    """A bench's result as indented JSON on stdout, and into `path` (its --json) when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        path.write_text(text)

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_json  # noqa: E402
 from bench.calibration_ood import split_files  # noqa: E402
-from bench.ood_post_hoc import SPLITS, rate  # noqa: E402
+from bench.ood_post_hoc import SPLITS, rank_average, rate  # noqa: E402
 from pixclass import artifact as artifact_io  # noqa: E402
 from pixclass.data.loaders import load_split  # noqa: E402
 from pixclass.data.scan import scan_class_folders  # noqa: E402
@@ -58,14 +57,6 @@ def run_scores(run: Path, ood_paths: list[Path]) -> tuple[dict, np.ndarray, np.n
     return result
 
 
-def rank_mean(scores: list[dict]) -> dict:
-    """Rank average of any number of scores (pairwise halving would weight them unevenly)."""
-    ranks = [rankdata(np.concatenate([s[n] for n in SPLITS])) for s in scores]
-    total = sum(ranks) / len(ranks)
-    bounds = np.cumsum([0] + [len(scores[0][n]) for n in SPLITS])
-    return {n: total[bounds[i]:bounds[i + 1]] for i, n in enumerate(SPLITS)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
@@ -88,14 +79,11 @@ def main() -> None:
             probs = sum(per_run[m][1] for m in members)
             name = " + ".join(Path(m).name for m in members)
             result[name] = {"test_accuracy": round(float((probs.argmax(1) == first[2]).mean()), 4),
-                            **{f"rank average of {score}": rate(rank_mean([per_run[m][0][score] for m in members]),
+                            **{f"rank average of {score}": rate(rank_average(*[per_run[m][0][score] for m in members]),
                                                                 args.keep) for score in ("energy", "knn")},
-                            "rank average of all": rate(rank_mean([per_run[m][0][s] for m in members
+                            "rank average of all": rate(rank_average(*[per_run[m][0][s] for m in members
                                                                    for s in ("energy", "knn")]), args.keep)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ usage: python bench/ood_post_hoc.py RUN_DIR [RUN_DIR ...] --ood OOD_FOLDER [--tr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_json  # noqa: E402
 from bench.calibration_ood import split_files  # noqa: E402
 from pixclass import artifact as artifact_io  # noqa: E402
 from pixclass.data.loaders import load_split  # noqa: E402
@@ -126,10 +126,11 @@ def rate(score: dict[str, np.ndarray], keep: float = 0.95) -> dict:
             "ood_unknown": round(float((score["ood"] < threshold).mean()), 4)}
 
 
-def rank_average(a: dict, b: dict) -> dict:
-    ranks = [rankdata(np.concatenate([s[n] for n in SPLITS])) for s in (a, b)]
-    total = (ranks[0] + ranks[1]) / 2
-    bounds = np.cumsum([0] + [len(a[n]) for n in SPLITS])
+def rank_average(*scores: dict) -> dict:
+    """The mean of the scores' ranks over all images of all splits (they live on different scales)."""
+    ranks = [rankdata(np.concatenate([s[n] for n in SPLITS])) for s in scores]
+    total = sum(ranks) / len(ranks)
+    bounds = np.cumsum([0] + [len(scores[0][n]) for n in SPLITS])
     return {n: total[bounds[i]:bounds[i + 1]] for i, n in enumerate(SPLITS)}
 
 
@@ -161,10 +162,7 @@ def main() -> None:
             "test_accuracy": round(float((probs["test"].argmax(1) == labels).mean()), 4),
             "scores": {"max probability": rate({s: p.max(1) for s, p in probs.items()}),
                        "energy": rate(ensemble(lambda art, z: torch.logsumexp(z / art.temperature, 2).mean(0)))}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":

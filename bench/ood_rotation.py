@@ -21,7 +21,6 @@ usage: python bench/ood_rotation.py RUN_DIR --ood OOD_FOLDER [--rotation-weight 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_json  # noqa: E402
 from bench.calibration_ood import split_files  # noqa: E402
 from bench.ood_post_hoc import rank_average, rate  # noqa: E402
 from pixclass import artifact as artifact_io  # noqa: E402
@@ -210,10 +210,7 @@ def main() -> None:
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("run", "ood", "json")},
               "train_s": round(train_s, 1), "test_accuracy": round(accuracy, 4), "temperature": round(temperature, 3),
               "scores": {name: rate(s) for name, s in scores_of(out, temperature).items()}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":
