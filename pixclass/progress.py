@@ -78,7 +78,14 @@ class Reporter:
 
     @contextmanager
     def bar(self, description: str, total: int, stats: bool = False):
-        """A progress bar with ETA; `stats` adds a free-text field updated with `update(..., stats=...)`."""
+        """A progress bar with ETA; `stats` adds a free-text field updated with `update(..., stats=...)`.
+        Where stderr is no terminal (a log file, a pipe, nohup, CI) rich would draw it once, at
+        the end: a line every PLAIN_EVERY_S seconds says how far the work is instead."""
+        if not self.quiet and not console.is_terminal:
+            plain = _PlainBar(description, total)
+            yield plain
+            plain.say()
+            return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
         if stats:
@@ -95,3 +102,40 @@ class _Bar:
     def advance(self, n: int = 1, stats: str | None = None) -> None:
         fields = {"stats": stats} if stats is not None else {}
         self._progress.update(self._task, advance=n, **fields)
+
+
+# seconds between two progress lines where stderr is no terminal: often enough to see that a long
+# epoch moves, rarely enough that a log of a whole run stays readable
+PLAIN_EVERY_S = 30.0
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class _PlainBar:
+    """A progress bar as lines of text: done/total, elapsed, eta and the stats, every
+    PLAIN_EVERY_S seconds and once at the end."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total = description, total
+        self.done, self.stats = 0, ""
+        self.started = self.last = time.monotonic()
+
+    def advance(self, n: int = 1, stats: str | None = None) -> None:
+        self.done += n
+        if stats is not None:
+            self.stats = stats
+        now = time.monotonic()
+        if now - self.last >= PLAIN_EVERY_S and self.done < self.total:
+            self.say(now)
+
+    def say(self, now: float | None = None) -> None:
+        self.last = time.monotonic() if now is None else now
+        elapsed = self.last - self.started
+        left = elapsed / self.done * max(self.total - self.done, 0) if self.done else None
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        eta = f" eta {_duration(left)}" if left is not None and self.done < self.total else ""
+        console.print(f"{self.description} {self.done}/{self.total}{share} {_duration(elapsed)}{eta}"
+                      f"{' ' + self.stats if self.stats else ''}", markup=False)
