@@ -325,14 +325,13 @@ def _scan_given_splits(root: Path, tables: dict[str, dict[str, list[Path]]], whe
     samples: list[Sample] = []
     previous = read_manifest(manifest, root) if manifest and "val" not in tables else {}
     carved = {p: split for p, (_, split) in previous.items() if split in ("train", "val")}
+    f_val = fractions[1] / (fractions[0] + fractions[1]) if fractions[0] + fractions[1] else 0.0  # of train/
     if carved:
-        f_val = fractions[1] / (fractions[0] + fractions[1]) if fractions[0] + fractions[1] else 0.0
         assignment = {p: carved.get(p) or _assign_new_file(Path(os.path.relpath(p, root)), (1 - f_val, f_val, 0.0), seed)
                       for files in train.values() for p in files}
     elif "val" in tables or fractions[1] == 0:  # given, or asked for none (--split 1,0,0)
         assignment = {p: "train" for files in train.values() for p in files}
     else:  # carve a validation set out of train/, stratified like a full split
-        f_val = fractions[1] / (fractions[0] + fractions[1])
         assignment = stratified_split(train, (1 - f_val, f_val, 0.0), seed)
     samples += [Sample(p, label, assignment[p]) for label, files in train.items() for p in files]
     for split in ("val", "test"):
